@@ -1,0 +1,128 @@
+"""The ``cim-plugin`` command (also ``python -m cim_plugin.cli``).
+
+Subcommands:
+  patch PYCIL_DIR   patch a PyCIL checkout and link the plugin's exps (logic: cim_plugin.patching)
+  where             say which PyCIL checkout the plugin finds and whether it is patched
+
+Adding a subcommand (e.g. ``demo``):
+  1. put its logic in its own module (``cim_plugin/demo.py``), raising ``UserError`` (or an error
+     the handler turns into one) for anything the user must fix;
+  2. here, write ``_add_demo(sub)`` that declares its arguments and ``set_defaults(func=_run_demo)``,
+     and ``_run_demo(args) -> int`` that imports the module *inside* the function (so that
+     ``cim-plugin where`` never pays for importing torch) and calls it;
+  3. append ``_add_demo`` to ``SUBCOMMANDS``.
+``main`` prints a ``UserError`` as ``cim-plugin <command>: error: <message>`` on stderr and exits
+with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class UserError(Exception):
+    """A problem the user can fix; ``main`` prints the message and exits with status 2."""
+
+
+# ------------------------------------------------------------------------------------- patch
+
+
+def _add_patch(sub) -> None:
+    p = sub.add_parser(
+        "patch",
+        help="patch a PyCIL checkout for cim-plugin (safe to run again)",
+        description=(
+            "Apply cim-plugin's patches/ to a git checkout of PyCIL at the pinned commit, link the "
+            "plugin's exps/*.json into its exps/ folder and record where it is. Checks everything "
+            "first and changes nothing if a check fails; running it again changes nothing."
+        ),
+    )
+    p.add_argument("pycil_dir", metavar="PYCIL_DIR", help="the top folder of your PyCIL git clone")
+    p.set_defaults(func=_run_patch)
+
+
+def _run_patch(args) -> int:
+    from cim_plugin import patching
+
+    try:
+        report = patching.patch_pycil(args.pycil_dir)
+    except patching.PatchError as err:
+        raise UserError(str(err)) from None
+    except OSError as err:  # e.g. no permission to write into the checkout
+        raise UserError(f"{err.strerror or err}: {err.filename or args.pycil_dir}") from None
+    print(patching.format_report(report))
+    return 0
+
+
+# ------------------------------------------------------------------------------------- where
+
+
+def _add_where(sub) -> None:
+    p = sub.add_parser(
+        "where",
+        help="show the PyCIL checkout cim-plugin uses and whether it is patched",
+        description=(
+            "Show the PyCIL checkout cim-plugin finds (PYCIL_ROOT, else the one recorded by "
+            "`cim-plugin patch`), its commit and whether it is patched. Exits with status 1 if "
+            "none is found."
+        ),
+    )
+    p.set_defaults(func=_run_where)
+
+
+def _run_where(args) -> int:
+    from cim_plugin import locate, patching
+
+    root, reason = locate.find_pycil_root()
+    if root is None:
+        print(reason, file=sys.stderr)
+        return 1
+    if os.environ.get(locate.ENV_VAR, "").strip():
+        source = f"from {locate.ENV_VAR}"
+    else:
+        source = f"recorded in {locate.show_path(locate.config_file())}"
+    print(patching.describe(root, source))
+    return 0
+
+
+# -------------------------------------------------------------------------------------- main
+
+#: Each entry adds one subcommand to the parser (see the module docstring).
+SUBCOMMANDS = [_add_patch, _add_where]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cim_plugin import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cim-plugin",
+        description="Class-incremental exemplar compression (CIM) as a plugin for PyCIL.",
+    )
+    parser.add_argument("--version", action="version", version=f"cim-plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error (already printed)
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"cim-plugin {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

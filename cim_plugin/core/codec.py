@@ -1,0 +1,342 @@
+"""The exemplar codec: box at full resolution, the rest downsampled (method.md §1, steps 4–5).
+
+Compressed image  x̃ = M_B ⊙ x + (1 − M_B) ⊙ x_η, with x_η = x downsampled by the integer factor
+``s = sqrt(compress_ratio)`` per side (nearest: ``x[..., ::s, ::s]``) and upsampled back by
+repeating each low-resolution cell ``s × s`` (cropped to ``H × W``).
+
+Two halves:
+
+* torch ops on ``[B, C, H, W]`` tensors (any dtype, exact for uint8, differentiable for float):
+  ``lowres``, ``upsample_nearest``, ``blend_compress``, ``soft_blend``, and the costs.
+* the storage codec on numpy uint8 ``[B, H, W, C]`` arrays (PyCIL keeps images that way):
+  ``encode_batch`` / ``decode`` / ``decode_batch``. For an aligned box (see ``boxes``) each
+  low-resolution cell lies wholly inside or wholly outside the box, so what is stored per item is
+  the box crop (row-major HWC) followed by the low-resolution cells outside the box (row-major
+  over the grid, ``C`` bytes each) — exactly ``exemplar_cost * H * W * C`` bytes — and decoding
+  reproduces ``blend_compress`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .boxes import boxes_to_mask, check_boxes, check_factor, check_image_size, is_aligned
+
+ArrayOrTensor = np.ndarray | torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# factor and costs
+# --------------------------------------------------------------------------------------------
+
+
+def downsample_factor(compress_ratio: float, tol: float = 1e-9) -> int:
+    """Integer factor per side ``s = sqrt(compress_ratio)``.
+
+    compress_ratio must be the square of an integer >= 2 (4, 9, 16, ...) to within ``tol``.
+    """
+    allowed = "the square of an integer >= 2 (4, 9, 16, 25, ...)"
+    if isinstance(compress_ratio, bool) or not isinstance(compress_ratio, (int, float, np.integer, np.floating)):
+        raise ValueError(f"compress_ratio must be {allowed}, got {compress_ratio!r}")
+    ratio = float(compress_ratio)
+    if not math.isfinite(ratio) or ratio < 1.0:
+        raise ValueError(f"compress_ratio must be {allowed}, got {compress_ratio!r}")
+    s = round(math.sqrt(ratio))
+    if s < 2 or abs(s * s - ratio) > tol:
+        raise ValueError(f"compress_ratio must be {allowed}, got {compress_ratio!r}")
+    return int(s)
+
+
+def _inside_counts(boxes: torch.Tensor, s: int) -> torch.Tensor:
+    """Low-res cells inside each aligned box: ``(ceil(y1/s) - ceil(y0/s)) * (same for x)``, int64 ``[B]``."""
+    def ceil_div(v: torch.Tensor) -> torch.Tensor:
+        return -torch.div(-v, s, rounding_mode="floor")
+
+    rows = (ceil_div(boxes[:, 1]) - ceil_div(boxes[:, 0])).clamp(min=0)
+    cols = (ceil_div(boxes[:, 3]) - ceil_div(boxes[:, 2])).clamp(min=0)
+    empty = (boxes[:, 1] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 2])
+    return torch.where(empty, torch.zeros_like(rows), rows * cols)
+
+
+def _stored_pixels(boxes: torch.Tensor, image_size: tuple[int, int], s: int) -> torch.Tensor:
+    """int64 ``[B]``: box pixels + low-res cells outside the box (boxes already checked, aligned)."""
+    height, width = image_size
+    cells = math.ceil(height / s) * math.ceil(width / s)
+    area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
+    return area + cells - _inside_counts(boxes, s)
+
+
+def _check_aligned(boxes: torch.Tensor, image_size: tuple[int, int], s: int, name: str = "boxes") -> None:
+    ok = is_aligned(boxes, image_size, s)
+    if not bool(ok.all()):
+        first = int(torch.nonzero(~ok)[0, 0])
+        raise ValueError(
+            f"{name}[{first}] = {boxes[first].tolist()} is not aligned to the s={s} grid of an image "
+            f"of size {image_size} (use boxes.align_boxes)"
+        )
+
+
+def exemplar_cost(boxes: torch.Tensor, image_size: Sequence[int], s: int) -> torch.Tensor:
+    """float64 ``[B]``: stored pixels / ``(H * W)`` for each aligned box.
+
+    Stored = box pixels + low-resolution cells outside the box. The empty box stores every cell
+    (``ceil(H/s) * ceil(W/s) / (H*W)``), the full box costs exactly 1. When ``H`` and ``W`` are
+    multiples of ``s`` this equals ``paper_cost(box_area_fraction, s**2)``.
+    """
+    size = check_image_size(image_size)
+    s = check_factor(s)
+    boxes = check_boxes(boxes, size)
+    _check_aligned(boxes, size, s)
+    return _stored_pixels(boxes, size, s).to(torch.float64) / float(size[0] * size[1])
+
+
+def paper_cost(area_fraction: float | ArrayOrTensor, compress_ratio: float) -> float | ArrayOrTensor:
+    """The paper's cost ``r = a + (1 - a) / ratio`` (method.md §1, step 5); same type as ``area_fraction``.
+
+    area_fraction: ``a`` in ``[0, 1]`` (float, numpy array or tensor).
+    compress_ratio: any finite ratio >= 1.
+    """
+    if isinstance(compress_ratio, bool) or not isinstance(compress_ratio, (int, float, np.integer, np.floating)):
+        raise ValueError(f"compress_ratio must be a finite number >= 1, got {compress_ratio!r}")
+    ratio = float(compress_ratio)
+    if not math.isfinite(ratio) or ratio < 1.0:
+        raise ValueError(f"compress_ratio must be a finite number >= 1, got {compress_ratio!r}")
+    if isinstance(area_fraction, torch.Tensor):
+        a_check = area_fraction.detach()
+        bad = bool((~torch.isfinite(a_check) | (a_check < 0) | (a_check > 1)).any())
+    else:
+        a_arr = np.asarray(area_fraction, dtype=np.float64)
+        bad = bool((~np.isfinite(a_arr) | (a_arr < 0) | (a_arr > 1)).any())
+    if bad:
+        raise ValueError(f"area_fraction must lie in [0, 1], got {area_fraction!r}")
+    return area_fraction + (1 - area_fraction) / ratio
+
+
+# --------------------------------------------------------------------------------------------
+# torch ops
+# --------------------------------------------------------------------------------------------
+
+
+def lowres(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Nearest downsampling ``x[..., ::s, ::s]``: ``[..., H, W] -> [..., ceil(H/s), ceil(W/s)]``."""
+    s = check_factor(s)
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dims [..., H, W], got shape {tuple(x.shape)}")
+    return x[..., ::s, ::s]
+
+
+def upsample_nearest(low: torch.Tensor, s: int, size: Sequence[int]) -> torch.Tensor:
+    """Repeat each low-res cell ``s × s`` and crop: ``[..., ceil(H/s), ceil(W/s)] -> [..., H, W]``.
+
+    A broadcast (expand + reshape + crop), so it is exact for every dtype and differentiable for
+    float inputs. The result is a cropped view of a fresh tensor (not necessarily contiguous).
+    """
+    s = check_factor(s)
+    height, width = check_image_size(size, "size")
+    expected = (math.ceil(height / s), math.ceil(width / s))
+    if low.ndim < 2 or tuple(low.shape[-2:]) != expected:
+        raise ValueError(
+            f"low must be [..., {expected[0]}, {expected[1]}] for size {(height, width)} and s={s}, "
+            f"got shape {tuple(low.shape)}"
+        )
+    lead = low.shape[:-2]
+    grid_h, grid_w = expected
+    blocks = low.unsqueeze(-1).unsqueeze(-3).expand(*lead, grid_h, s, grid_w, s)
+    return blocks.reshape(*lead, grid_h * s, grid_w * s)[..., :height, :width]
+
+
+def _check_images(x: torch.Tensor, name: str = "x") -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a [B, C, H, W] tensor, got {shape}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{name} must have H, W >= 1, got shape {tuple(x.shape)}")
+    return int(x.shape[2]), int(x.shape[3])
+
+
+def blend_compress(x: torch.Tensor, boxes: torch.Tensor, s: int) -> torch.Tensor:
+    """Compressed images: box pixels unchanged, the rest ``upsample_nearest(lowres(x))``.
+
+    x: ``[B, C, H, W]`` any dtype. boxes: int ``[B, 4]``. Returns the same shape and dtype; one
+    ``torch.where`` over the batch, differentiable for float ``x``.
+    """
+    size = _check_images(x)
+    s = check_factor(s)
+    boxes = check_boxes(boxes, size)
+    if boxes.shape[0] != x.shape[0]:
+        raise ValueError(f"boxes has B={boxes.shape[0]} rows but x has B={x.shape[0]} images")
+    inside = boxes_to_mask(boxes.to(x.device), size).unsqueeze(1)  # [B, 1, H, W]
+    return torch.where(inside, x, upsample_nearest(lowres(x, s), s, size))
+
+
+def soft_blend(x: torch.Tensor, mask: torch.Tensor, s: int) -> torch.Tensor:
+    """Differentiable blend ``mask * x + (1 - mask) * upsample_nearest(lowres(x))`` (method.md §4, inner step).
+
+    x: float ``[B, C, H, W]``. mask: float ``[B, 1, H, W]`` or ``[B, H, W]`` (values in ``[0, 1]``;
+    ``[B, C, H, W]`` also accepted). Returns ``[B, C, H, W]``; gradients reach ``x`` and ``mask``.
+    """
+    size = _check_images(x)
+    s = check_factor(s)
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating-point tensor for soft_blend, got dtype {x.dtype}")
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    if (
+        mask.ndim != 4
+        or mask.shape[0] != x.shape[0]
+        or mask.shape[1] not in (1, x.shape[1])
+        or tuple(mask.shape[2:]) != size
+    ):
+        raise ValueError(
+            f"mask must be [B, 1, H, W] or [B, H, W] matching x {tuple(x.shape)}, got shape {tuple(mask.shape)}"
+        )
+    blurred = upsample_nearest(lowres(x, s), s, size)
+    return mask * x + (1 - mask) * blurred
+
+
+# --------------------------------------------------------------------------------------------
+# storage codec (numpy uint8 HWC)
+# --------------------------------------------------------------------------------------------
+
+
+def _as_box_tensor(boxes: ArrayOrTensor | Sequence[int], name: str = "boxes") -> torch.Tensor:
+    if isinstance(boxes, torch.Tensor):
+        return boxes.detach().cpu()
+    arr = np.asarray(boxes)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def _check_hwc_images(images: np.ndarray) -> tuple[int, int, int, int]:
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:
+        desc = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise ValueError(f"images must be a uint8 numpy array [B, H, W, C], got {desc}")
+    batch, height, width, channels = images.shape
+    if height == 0 or width == 0 or channels == 0:
+        raise ValueError(f"images must have H, W, C >= 1, got shape {images.shape}")
+    return batch, height, width, channels
+
+
+def _grid_inside(boxes: np.ndarray, grid: tuple[int, int], s: int) -> np.ndarray:
+    """Bool ``[B, ceil(H/s), ceil(W/s)]``: low-res cell (i, j) has ``y0 <= i*s < y1`` and ``x0 <= j*s < x1``."""
+    gy = np.arange(grid[0]) * s
+    gx = np.arange(grid[1]) * s
+    in_y = (gy >= boxes[:, 0:1]) & (gy < boxes[:, 1:2])
+    in_x = (gx >= boxes[:, 2:3]) & (gx < boxes[:, 3:4])
+    return in_y[:, :, None] & in_x[:, None, :]
+
+
+def encode_batch(
+    images: np.ndarray, boxes: ArrayOrTensor, s: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode uint8 images ``[B, H, W, C]`` with aligned ``boxes`` ``[B, 4]`` into one byte payload.
+
+    Item ``b`` is ``payload[offsets[b]:offsets[b + 1]]``: the box crop (row-major HWC), then the
+    low-res cells outside the box (row-major over the grid, ``C`` bytes each). Its length is
+    ``exemplar_cost * H * W * C`` exactly. Raises ``ValueError`` for unaligned boxes.
+    Returns ``(payload uint8 [N], offsets int64 [B + 1])``.
+    """
+    batch, height, width, channels = _check_hwc_images(images)
+    s = check_factor(s)
+    box_t = check_boxes(_as_box_tensor(boxes), (height, width))
+    if box_t.shape[0] != batch:
+        raise ValueError(f"boxes has B={box_t.shape[0]} rows but images has B={batch}")
+    _check_aligned(box_t, (height, width), s)
+    box_np = box_t.numpy()
+
+    low = images[:, ::s, ::s, :]  # [B, hl, wl, C], whole batch at once
+    outside = ~_grid_inside(box_np, low.shape[1:3], s)
+    ys = np.arange(height)
+    xs = np.arange(width)
+    in_rows = (ys >= box_np[:, 0:1]) & (ys < box_np[:, 1:2])
+    in_cols = (xs >= box_np[:, 2:3]) & (xs < box_np[:, 3:4])
+    inside_px = in_rows[:, :, None] & in_cols[:, None, :]
+
+    box_bytes = images[inside_px].reshape(-1)  # items in order, each crop row-major HWC
+    low_bytes = low[outside].reshape(-1)  # items in order, each row-major over the grid
+    box_off = np.concatenate([[0], np.cumsum(inside_px.sum(axis=(1, 2)) * channels)])
+    low_off = np.concatenate([[0], np.cumsum(outside.sum(axis=(1, 2)) * channels)])
+    parts: list[np.ndarray] = []
+    for b in range(batch):
+        parts.append(box_bytes[box_off[b] : box_off[b + 1]])
+        parts.append(low_bytes[low_off[b] : low_off[b + 1]])
+    payload = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+    offsets = (box_off + low_off).astype(np.int64)
+    return payload.astype(np.uint8, copy=False), offsets
+
+
+def decode(
+    payload_item: np.ndarray,
+    box: ArrayOrTensor | Sequence[int],
+    image_shape: Sequence[int],
+    s: int,
+) -> np.ndarray:
+    """Rebuild one uint8 image ``[H, W, C]`` from its payload slice and aligned ``box`` ``(y0, y1, x0, x1)``.
+
+    Equals ``blend_compress`` of the original image; the box pixels are the original bytes.
+    """
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in shape):
+        raise ValueError(f"image_shape must be (H, W, C) positive integers, got {image_shape!r}")
+    height, width, channels = (int(v) for v in shape)
+    s = check_factor(s)
+    box_t = check_boxes(_as_box_tensor(box, "box").reshape(1, -1), (height, width), "box")
+    _check_aligned(box_t, (height, width), s, "box")
+    data = np.asarray(payload_item)
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise ValueError(f"payload_item must be a 1-D uint8 array, got {data.dtype} of shape {data.shape}")
+    expected = int(_stored_pixels(box_t, (height, width), s)[0]) * channels
+    if data.shape[0] != expected:
+        raise ValueError(
+            f"payload_item has {data.shape[0]} bytes but box {box_t[0].tolist()} of an image "
+            f"{(height, width, channels)} at s={s} needs {expected}"
+        )
+    y0, y1, x0, x1 = (int(v) for v in box_t[0])
+    box_h, box_w = max(y1 - y0, 0), max(x1 - x0, 0)
+    n_box = box_h * box_w * channels if box_h and box_w else 0
+
+    grid = (math.ceil(height / s), math.ceil(width / s))
+    low = np.zeros((*grid, channels), dtype=np.uint8)
+    outside = ~_grid_inside(box_t.numpy(), grid, s)[0]
+    low[outside] = data[n_box:].reshape(-1, channels)
+    out = low[np.arange(height) // s][:, np.arange(width) // s]
+    if n_box:
+        out[y0:y1, x0:x1] = data[:n_box].reshape(box_h, box_w, channels)
+    return out
+
+
+def decode_batch(
+    payload: np.ndarray,
+    offsets: np.ndarray,
+    boxes: ArrayOrTensor,
+    indices: Sequence[int] | np.ndarray | None,
+    image_shape: Sequence[int],
+    s: int,
+) -> np.ndarray:
+    """Decode items ``indices`` (all when None) of an ``encode_batch`` payload: uint8 ``[n, H, W, C]``."""
+    offsets = np.asarray(offsets)
+    box_t = _as_box_tensor(boxes)
+    if offsets.ndim != 1 or offsets.shape[0] != box_t.shape[0] + 1:
+        raise ValueError(
+            f"offsets must be [B + 1] = [{box_t.shape[0] + 1}] for {box_t.shape[0]} boxes, got shape {offsets.shape}"
+        )
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(payload):
+        raise ValueError(
+            f"offsets must rise from 0 to len(payload)={len(payload)}, got [{offsets[0]}, ..., {offsets[-1]}]"
+        )
+    idx = np.arange(box_t.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= box_t.shape[0]):
+        raise ValueError(f"indices must lie in [0, {box_t.shape[0]}), got range [{idx.min()}, {idx.max()}]")
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in shape):
+        raise ValueError(f"image_shape must be (H, W, C) positive integers, got {image_shape!r}")
+    shape = tuple(int(v) for v in shape)
+    out = np.empty((idx.size, *shape), dtype=np.uint8)
+    for k, i in enumerate(idx):
+        out[k] = decode(payload[offsets[i] : offsets[i + 1]], box_t[i], shape, s)
+    return out

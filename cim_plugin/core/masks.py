@@ -1,0 +1,94 @@
+"""Mask sources: how the full-resolution box of each exemplar is chosen (a swappable part).
+
+A source turns a batch of images and their labels into grid-aligned pixel boxes. The sources of
+the paper's ablation (../shared/docs/method.md §6):
+
+- ``cam``: fixed-threshold CAM of the CIL model (tight box of ``CAM > mask_threshold``);
+- ``uniform``: no box at all — the whole image is downsampled (MRDC-like many-shot);
+- ``random``: a box of the size the CAM box would have had, at a uniformly random position.
+
+The CAM itself comes from a ``cam_fn(images, labels) -> raw CAM [B, h, w]`` supplied by whoever
+knows the network (the PyCIL adapter), so the same sources serve any backbone — and the CIM
+branch of the next issue only has to supply another ``cam_fn``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .boxes import cam_to_boxes, random_boxes_like
+from .cam import normalize_cams
+
+CamFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BoxResult:
+    """Boxes ``[B, 4]`` (y0, y1, x0, x1), and which of them fell back to the full image."""
+
+    boxes: torch.Tensor
+    fallback: torch.Tensor
+
+
+class MaskSource:
+    """Base class: ``boxes(images, labels, cam_fn)`` for a batch ``[B, C, H, W]``."""
+
+    name = "base"
+    needs_cam = True
+
+    def __init__(self, factor: int, threshold: float = 0.6, generator: torch.Generator | None = None):
+        self.factor = int(factor)
+        self.threshold = float(threshold)
+        self.generator = generator
+
+    def boxes(self, images: torch.Tensor, labels: torch.Tensor, cam_fn: CamFn | None) -> BoxResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement boxes()")
+
+    def _cam_boxes(self, images: torch.Tensor, labels: torch.Tensor, cam_fn: CamFn | None) -> BoxResult:
+        if cam_fn is None:
+            raise ValueError(f"mask source '{self.name}' needs a CAM function")
+        with torch.no_grad():
+            cams, degenerate = normalize_cams(cam_fn(images, labels).float())
+        boxes, fallback = cam_to_boxes(cams, tuple(images.shape[-2:]), self.threshold, self.factor, degenerate)
+        return BoxResult(boxes, fallback)
+
+
+class CamMaskSource(MaskSource):
+    name = "cam"
+
+    def boxes(self, images, labels, cam_fn):
+        return self._cam_boxes(images, labels, cam_fn)
+
+
+class UniformMaskSource(MaskSource):
+    name = "uniform"
+    needs_cam = False
+
+    def boxes(self, images, labels, cam_fn=None):
+        n = images.shape[0]
+        return BoxResult(torch.zeros(n, 4, dtype=torch.int64), torch.zeros(n, dtype=torch.bool))
+
+
+class RandomMaskSource(MaskSource):
+    name = "random"
+
+    def boxes(self, images, labels, cam_fn):
+        res = self._cam_boxes(images, labels, cam_fn)
+        moved = random_boxes_like(res.boxes, tuple(images.shape[-2:]), self.factor, self.generator)
+        return BoxResult(moved, res.fallback)
+
+
+MASK_SOURCES: dict[str, type[MaskSource]] = {
+    cls.name: cls for cls in (CamMaskSource, UniformMaskSource, RandomMaskSource)
+}
+
+
+def make_mask_source(name: str, factor: int, threshold: float, seed: int = 0) -> MaskSource:
+    """The mask source called ``name`` (see ``MASK_SOURCES``)."""
+    if name not in MASK_SOURCES:
+        raise ValueError(f"unknown mask source {name!r}; choose one of {', '.join(MASK_SOURCES)}")
+    generator = torch.Generator().manual_seed(int(seed))
+    return MASK_SOURCES[name](factor=factor, threshold=threshold, generator=generator)

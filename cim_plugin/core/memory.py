@@ -1,0 +1,344 @@
+"""Exemplar memories that hold real uint8 pixels under a budget in full-exemplar units.
+
+``ExemplarMemory`` keeps plain exemplars (each costs 1 unit); ``CompressedExemplarMemory`` keeps
+CIM exemplars: the box crop at full resolution plus the low-resolution cells outside it, each
+costing r = stored bytes / full bytes (= a + (1 - a)/ratio for grid-aligned boxes).
+
+Per class the exemplars are a *ranked* list (herding order), so shrinking a class's budget is
+cutting the list at the longest prefix that fits. The memory yields samples like a dataset
+(``as_dataset``) and serialises itself (``state_dict`` / ``save`` / ``load``) so that it can travel
+inside checkpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import codec
+from .herding import fit_prefix
+
+#: Version of the on-disk / state_dict layout; bump when it changes.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ClassExemplars:
+    """One class's ranked exemplars, packed: item i is ``payload[offsets[i]:offsets[i+1]]``."""
+
+    boxes: np.ndarray  # int64 [n, 4] (y0, y1, x0, x1) at the storage resolution
+    costs: np.ndarray  # float64 [n] full-exemplar units
+    payload: np.ndarray  # uint8 [total]
+    offsets: np.ndarray  # int64 [n + 1]
+
+    def __len__(self) -> int:
+        return len(self.costs)
+
+    def prefix(self, k: int) -> "ClassExemplars":
+        return ClassExemplars(
+            self.boxes[:k].copy(),
+            self.costs[:k].copy(),
+            self.payload[: self.offsets[k]].copy(),
+            self.offsets[: k + 1].copy(),
+        )
+
+
+class ExemplarMemory:
+    """Plain exemplars: whole uint8 images of one storage shape ``(H, W, C)``, 1 unit each."""
+
+    kind = "plain"
+
+    def __init__(self, image_shape: tuple[int, int, int]):
+        if len(image_shape) != 3 or min(image_shape) < 1:
+            raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got {image_shape}")
+        self.image_shape = tuple(int(v) for v in image_shape)
+        self._classes: dict[int, ClassExemplars] = {}
+        self._index: np.ndarray | None = None  # cumulative counts over sorted labels
+
+    # -- codec (overridden by the compressed memory) ------------------------------------------
+    def costs_of(self, boxes: np.ndarray) -> np.ndarray:
+        """Cost of storing each image with its box, in full-exemplar units."""
+        return np.ones(len(boxes), dtype=np.float64)
+
+    def _encode(self, images: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(images)
+        offsets = np.arange(n + 1, dtype=np.int64) * self.full_exemplar_bytes
+        return np.ascontiguousarray(images, dtype=np.uint8).reshape(-1), offsets
+
+    def _decode(self, store: ClassExemplars, indices: np.ndarray) -> np.ndarray:
+        starts = store.offsets[indices]
+        full = self.full_exemplar_bytes
+        flat = store.payload.reshape(-1, full) if len(store) else store.payload.reshape(0, full)
+        return flat[starts // full].reshape(len(indices), *self.image_shape)
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "image_shape": list(self.image_shape)}
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def full_exemplar_bytes(self) -> int:
+        h, w, c = self.image_shape
+        return h * w * c
+
+    def full_boxes(self, n: int) -> np.ndarray:
+        h, w, _ = self.image_shape
+        return np.tile(np.array([[0, h, 0, w]], dtype=np.int64), (n, 1))
+
+    # -- content -----------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[int]:
+        return sorted(self._classes)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._classes.values())
+
+    def __contains__(self, label: int) -> bool:
+        return int(label) in self._classes
+
+    def count(self, label: int) -> int:
+        store = self._classes.get(int(label))
+        return 0 if store is None else len(store)
+
+    def counts(self) -> dict[int, int]:
+        return {k: len(self._classes[k]) for k in self.labels}
+
+    def units_used(self, label: int | None = None) -> float:
+        stores = self._classes.values() if label is None else [self._classes[int(label)]]
+        return float(sum(s.costs.sum() for s in stores))
+
+    def bytes_used(self) -> int:
+        """Pixel bytes actually held (crops + low-resolution cells)."""
+        return int(sum(s.offsets[-1] for s in self._classes.values()))
+
+    def metadata_bytes(self) -> int:
+        """Bytes of the per-exemplar bookkeeping (box, cost, offset) beside the pixels."""
+        return int(sum(s.boxes.nbytes + s.costs.nbytes + s.offsets.nbytes for s in self._classes.values()))
+
+    def boxes(self, label: int) -> np.ndarray:
+        return self._classes[int(label)].boxes.copy()
+
+    def costs(self, label: int) -> np.ndarray:
+        return self._classes[int(label)].costs.copy()
+
+    def targets(self) -> np.ndarray:
+        """Label of every stored exemplar, in (class, rank) order — the dataset order."""
+        if not self._classes:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.full(len(self._classes[k]), k, dtype=np.int64) for k in self.labels])
+
+    # -- updates -----------------------------------------------------------------------------
+    def add_class(
+        self, label: int, images: np.ndarray, boxes: np.ndarray | None = None, budget: float | None = None
+    ) -> int:
+        """Store ``images`` (uint8 ``[n, H, W, C]``, in rank order) for ``label``.
+
+        Keeps the longest prefix whose cost fits ``budget`` units (all when None) and replaces
+        whatever the class held before. Returns how many were kept.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"images for class {label} must be uint8 [n, {', '.join(map(str, self.image_shape))}], "
+                f"got {images.dtype} {tuple(images.shape)}"
+            )
+        boxes = self.full_boxes(len(images)) if boxes is None else np.asarray(boxes, dtype=np.int64)
+        if boxes.shape != (len(images), 4):
+            raise ValueError(f"boxes must be [{len(images)}, 4], got {tuple(boxes.shape)}")
+        costs = self.costs_of(boxes)
+        keep = len(images) if budget is None else fit_prefix(costs, budget)
+        payload, offsets = self._encode(images[:keep], boxes[:keep])
+        self._classes[int(label)] = ClassExemplars(boxes[:keep].copy(), costs[:keep], payload, offsets)
+        self._index = None
+        return keep
+
+    def reduce(self, budget: float) -> dict[int, int]:
+        """Cut every class's ranked list to the longest prefix within ``budget`` units."""
+        removed = {}
+        for label, store in self._classes.items():
+            keep = fit_prefix(store.costs, budget)
+            if keep < len(store):
+                removed[label] = len(store) - keep
+                self._classes[label] = store.prefix(keep)
+        self._index = None
+        return removed
+
+    # -- reading -----------------------------------------------------------------------------
+    def images(self, label: int, indices: np.ndarray | None = None) -> np.ndarray:
+        """Reconstructed uint8 images ``[n, H, W, C]`` of one class (all, or ``indices``)."""
+        store = self._classes[int(label)]
+        idx = np.arange(len(store)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(idx) == 0:
+            return np.zeros((0, *self.image_shape), dtype=np.uint8)
+        return self._decode(store, idx)
+
+    def item(self, index: int) -> tuple[np.ndarray, int]:
+        """The ``index``-th exemplar in dataset order, reconstructed, with its label."""
+        if self._index is None:
+            self._index = np.cumsum([len(self._classes[k]) for k in self.labels])
+        n = int(self._index[-1]) if len(self._index) else 0
+        if not 0 <= index < n:
+            raise IndexError(f"memory index {index} out of range [0, {n})")
+        c = int(np.searchsorted(self._index, index, side="right"))
+        label = self.labels[c]
+        local = index - (int(self._index[c - 1]) if c else 0)
+        return self.images(label, np.array([local]))[0], label
+
+    def as_dataset(self, transform: Callable | None = None) -> "MemoryDataset":
+        return MemoryDataset(self, transform)
+
+    def summary(self, units_per_class: float | None = None, num_classes: int | None = None) -> dict:
+        """Figures for logs and results files."""
+        counts = self.counts()
+        out = {
+            "kind": self.kind,
+            "exemplars": len(self),
+            "exemplars_per_class": {str(k): v for k, v in counts.items()},
+            "mean_exemplars_per_class": float(np.mean(list(counts.values()))) if counts else 0.0,
+            "units_used": round(self.units_used(), 6),
+            "bytes_used": self.bytes_used(),
+            "metadata_bytes": self.metadata_bytes(),
+            "full_exemplar_bytes": self.full_exemplar_bytes,
+            "storage_shape": list(self.image_shape),
+        }
+        if units_per_class is not None:
+            n = len(counts) if num_classes is None else num_classes
+            out["units_per_class"] = units_per_class
+            out["budget_units"] = units_per_class * n
+            out["budget_bytes"] = int(units_per_class * n * self.full_exemplar_bytes)
+        return out
+
+    # -- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"format_version": FORMAT_VERSION, **self.meta(), "classes": {}}
+        for label, s in self._classes.items():
+            state["classes"][label] = {
+                "boxes": s.boxes.copy(),
+                "costs": s.costs.copy(),
+                "payload": s.payload.copy(),
+                "offsets": s.offsets.copy(),
+            }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict``; refuses a state made with other settings (no silent misread)."""
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"memory format version {version!r} is not supported (expected {FORMAT_VERSION})")
+        mine, theirs = self.meta(), {k: state.get(k) for k in self.meta()}
+        if mine != theirs:
+            diff = ", ".join(f"{k}: saved {theirs[k]!r}, this run {mine[k]!r}" for k in mine if mine[k] != theirs[k])
+            raise ValueError(f"memory was saved with other settings ({diff}); refusing to load it")
+        classes = {}
+        for label, s in state["classes"].items():
+            store = ClassExemplars(
+                np.asarray(s["boxes"], dtype=np.int64),
+                np.asarray(s["costs"], dtype=np.float64),
+                np.asarray(s["payload"], dtype=np.uint8),
+                np.asarray(s["offsets"], dtype=np.int64),
+            )
+            n = len(store.costs)
+            if store.boxes.shape != (n, 4) or store.offsets.shape != (n + 1,) or store.offsets[-1] != len(store.payload):
+                raise ValueError(f"memory state of class {label} is inconsistent (corrupt?)")
+            classes[int(label)] = store
+        self._classes = classes
+        self._index = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` (.npz) atomically: a temporary file in the same folder, then rename."""
+        path = Path(path)
+        state = self.state_dict()
+        arrays = {"meta": np.frombuffer(json.dumps({k: v for k, v in state.items() if k != "classes"}).encode(), dtype=np.uint8)}
+        for label, s in state["classes"].items():
+            for key, arr in s.items():
+                arrays[f"class{label}_{key}"] = arr
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Load a file written by ``save`` into this memory (same settings required)."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta"]).decode())
+                classes: dict = {}
+                for key in data.files:
+                    if key == "meta":
+                        continue
+                    head, field_name = key.split("_", 1)
+                    classes.setdefault(int(head[len("class"):]), {})[field_name] = data[key]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"cannot read exemplar memory file {path}: {err}") from err
+        self.load_state_dict({**meta, "classes": classes})
+
+
+class CompressedExemplarMemory(ExemplarMemory):
+    """CIM exemplars: full-resolution box crop + low-resolution rest, downsampled by sqrt(ratio)."""
+
+    kind = "compressed"
+
+    def __init__(self, image_shape: tuple[int, int, int], compress_ratio: float):
+        super().__init__(image_shape)
+        self.compress_ratio = float(compress_ratio)
+        self.factor = codec.downsample_factor(compress_ratio)
+
+    def meta(self) -> dict:
+        return {**super().meta(), "compress_ratio": self.compress_ratio}
+
+    def costs_of(self, boxes: np.ndarray) -> np.ndarray:
+        return np.asarray(
+            codec.exemplar_cost(torch.as_tensor(boxes, dtype=torch.int64), self.image_shape[:2], self.factor),
+            dtype=np.float64,
+        )
+
+    def _encode(self, images: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if len(images) == 0:
+            return np.zeros(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
+        return codec.encode_batch(images, boxes, self.factor)
+
+    def _decode(self, store: ClassExemplars, indices: np.ndarray) -> np.ndarray:
+        return codec.decode_batch(store.payload, store.offsets, store.boxes, indices, self.image_shape, self.factor)
+
+
+class MemoryDataset(torch.utils.data.Dataset):
+    """The memory as a dataset: yields ``(index, transform(image), label)`` like PyCIL's DummyDataset.
+
+    Images are reconstructed from the stored (compressed) form on every access, so what a learner
+    replays is exactly what the memory holds.
+    """
+
+    def __init__(self, memory: ExemplarMemory, transform: Callable | None = None):
+        self.memory = memory
+        self.transform = transform
+        self.labels = memory.targets()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image, label = self.memory.item(index)
+        out = Image.fromarray(image) if self.transform is not None else image
+        if self.transform is not None:
+            out = self.transform(out)
+        return index, out, label

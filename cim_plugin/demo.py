@@ -1,0 +1,121 @@
+"""The built-in demo: plugin off vs on at the same memory budget, on the synthetic set.
+
+For each learner, runs PyCIL's own ``main.py`` (in the patched PyCIL checkout) with
+``exps/<learner>_off_demo.json`` and ``exps/<learner>_cim_demo.json``, reads the two results
+files and prints a comparison: accuracy per phase, exemplars per class, bytes against the budget,
+wall time. Each run's full output goes to ``<out>/<learner>_<variant>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import locate
+
+DEMO_LEARNERS = ("icarl", "der", "foster")
+VARIANTS = ("off", "cim")
+RESULTS_MARK = "Results written to "
+
+
+class DemoError(RuntimeError):
+    """A demo run could not be made or read (message says which and where its log is)."""
+
+
+@dataclass
+class RunOutcome:
+    learner: str
+    variant: str
+    results: dict
+    wall_s: float
+    log: Path
+
+
+def demo_config(learner: str, variant: str) -> Path:
+    path = locate.plugin_dir("exps") / f"{learner}_{variant}_demo.json"
+    if not path.is_file():
+        raise DemoError(f"no demo config {path}")
+    return path
+
+
+def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path, float]:
+    """Run ``python main.py --config config`` in ``root``; returns (results file, wall seconds)."""
+    t0 = time.time()
+    results = None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log, subprocess.Popen(
+        [sys.executable, "main.py", "--config", str(config)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    ) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith(RESULTS_MARK):
+                results = Path(line[len(RESULTS_MARK):].strip())
+            if echo is not None:
+                echo(line)
+        code = proc.wait()
+    wall = time.time() - t0
+    if code != 0:
+        raise DemoError(f"PyCIL run {config.name} failed with exit code {code}; see {log_path}")
+    if results is None:
+        raise DemoError(f"PyCIL run {config.name} printed no results file; is the checkout patched? see {log_path}")
+    return (results if results.is_absolute() else root / results), wall
+
+
+def run_demo(learners=DEMO_LEARNERS, out_dir: Path | None = None, root: Path | None = None, echo=None) -> list[RunOutcome]:
+    if root is None:
+        root, reason = locate.find_pycil_root()
+        if root is None:
+            raise DemoError(reason)
+    if not locate.is_patched(root):
+        raise DemoError(f"PyCIL at {root} is not patched: run `cim-plugin patch {root}` first")
+    out_dir = Path(out_dir or Path.cwd() / "cim_demo")
+    outcomes = []
+    for learner in learners:
+        for variant in VARIANTS:
+            config = demo_config(learner, variant)
+            log = out_dir / f"{learner}_{variant}.log"
+            print(f"[demo] {learner:7s} plugin {variant:3s} ... (log: {log})", flush=True)
+            results_file, wall = run_pycil(root, config, log, echo)
+            results = json.loads(results_file.read_text())
+            outcomes.append(RunOutcome(learner, variant, results, wall, log))
+            print(f"[demo] {learner:7s} plugin {variant:3s} done in {wall:.0f} s -> {results_file}", flush=True)
+    table = comparison_table(outcomes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.md").write_text(table + "\n")
+    print(table)
+    print(f"\n[demo] comparison saved to {out_dir / 'comparison.md'}")
+    return outcomes
+
+
+def comparison_table(outcomes: list[RunOutcome]) -> str:
+    head = (
+        "| learner | plugin | CNN top-1 per phase | NME top-1 per phase | avg inc. CNN | exemplars/class "
+        "| bytes used / budget | wall s |\n|---|---|---|---|---|---|---|---|"
+    )
+    rows = [head]
+    for o in outcomes:
+        phases = o.results["phases"]
+        mem = phases[-1]["memory"]
+        cnn = " / ".join(f"{p['cnn_top1']:.1f}" for p in phases)
+        nme = " / ".join("-" if p.get("nme_top1") is None else f"{p['nme_top1']:.1f}" for p in phases)
+        avg = o.results["summary"]["avg_incremental_cnn_top1"]
+        rows.append(
+            f"| {o.learner} | {o.variant} | {cnn} | {nme} | {avg:.2f} | {mem['mean_exemplars_per_class']:.2f} "
+            f"| {mem['bytes_used']:,} / {mem['budget_bytes']:,} | {o.wall_s:.0f} |"
+        )
+    by = {(o.learner, o.variant): o for o in outcomes}
+    notes = []
+    for learner in dict.fromkeys(o.learner for o in outcomes):
+        off, on = by.get((learner, "off")), by.get((learner, "cim"))
+        if off and on:
+            e_off = off.results["phases"][-1]["memory"]["mean_exemplars_per_class"]
+            e_on = on.results["phases"][-1]["memory"]["mean_exemplars_per_class"]
+            notes.append(f"{learner}: {e_on / e_off:.2f}x exemplars per class with the plugin at the same budget")
+    return "\n".join(rows + [""] + notes)

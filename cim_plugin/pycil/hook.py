@@ -1,0 +1,98 @@
+"""Entry points PyCIL calls through ``utils/plugin_hook.py`` (added by patches/0006-plugin-hook.patch).
+
+trainer._train:  before_run(args) -> DataManager(...) [-> get_idata(name)] -> factory.get_model(...)
+                 -> wrap_learner(model, args) -> task loop -> after_run(model, args)
+
+With ``"cim": false`` (or absent) the learner is PyCIL's own, composed only with the results
+recorder (which changes no training); with ``"cim": true`` the CIM mixin is composed in front of
+it. The run's args are kept here between before_run and get_idata because PyCIL's DataManager
+receives only the dataset name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..config import CIMConfig, ConfigError
+from .data import FOLDER_DATASETS, folder_problems, imagenet_idata, synthetic_idata, synthetic_spec
+from .hparams import apply_module_hparams
+from .learner import CIMLearnerMixin
+from .results import ResultsMixin
+
+log = logging.getLogger(__name__)
+
+#: The args of the run in progress (set by before_run).
+_RUN: dict[str, Any] = {}
+
+SYNTHETIC_NAME = "synthetic"
+
+
+def check_args(args: dict) -> CIMConfig:
+    """Validate every key the plugin reads and the dataset it must provide; one error lists all."""
+    source = f"config {args['config']}" if args.get("config") else "the config"
+    problems: list[str] = []
+    try:
+        cfg = CIMConfig.from_args(args, source)
+    except ConfigError as err:
+        problems += err.problems
+        cfg = None
+    dataset = str(args.get("dataset", "")).lower()
+    if dataset == SYNTHETIC_NAME:
+        try:
+            synthetic_spec(args).validate()
+        except (ValueError, TypeError) as err:
+            problems.append(f"synthetic dataset: {err}")
+    elif dataset in FOLDER_DATASETS:
+        if "data_root" not in args:
+            problems.append(f"key 'dataset' = {dataset!r} needs 'data_root': a folder with train/ and val/ class folders")
+        else:
+            problems += folder_problems(args["data_root"])
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def before_run(args: dict) -> None:
+    try:
+        cfg = check_args(args)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    _RUN.clear()
+    _RUN["args"] = args
+    _RUN["config"] = cfg
+    if cfg.cim:
+        log.info(
+            "cim-plugin: on (%s masks, compress_ratio %s, mask_threshold %s)", cfg.cim_mask, cfg.compress_ratio, cfg.mask_threshold
+        )
+    else:
+        log.info("cim-plugin: installed, \"cim\" off: plain PyCIL exemplars (results file only)")
+
+
+def get_idata(dataset_name: str) -> Any:
+    """A PyCIL iData for datasets the plugin provides, or None to let PyCIL decide."""
+    args = _RUN.get("args", {})
+    name = dataset_name.lower()
+    if name == SYNTHETIC_NAME:
+        return synthetic_idata(args)
+    if name in FOLDER_DATASETS and "data_root" in args:
+        return imagenet_idata(name, args["data_root"])
+    return None
+
+
+def wrap_learner(model: Any, args: dict) -> Any:
+    """Compose the plugin's mixins in front of the learner's own class."""
+    cfg = _RUN.get("config") or check_args(args)
+    apply_module_hparams(args)
+    mixins = (ResultsMixin, CIMLearnerMixin) if cfg.cim else (ResultsMixin,)
+    base = type(model)
+    model.__class__ = type(f"{base.__name__}With{''.join(m.__name__.replace('Mixin', '') for m in mixins)}", (*mixins, base), {})
+    model._results_setup(args, cfg.cim_storage_size)
+    if cfg.cim:
+        model._cim_setup(cfg)
+    return model
+
+
+def after_run(model: Any, args: dict) -> None:
+    if isinstance(model, ResultsMixin):
+        model._results_finish()

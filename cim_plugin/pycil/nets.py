@@ -1,0 +1,70 @@
+"""What the plugin needs from PyCIL's networks: last feature map, pooled features, classifier rows.
+
+IncrementalNet has one backbone (``convnet``); DERNet and FOSTERNet have several (``convnets``)
+whose last maps are concatenated along channels — exactly the layout their ``fc`` rows read, so
+CAM = fc row of the true class · concatenated map. DataParallel wrappers are unwrapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..core.cam import class_activation_maps
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The module inside a DataParallel / DistributedDataParallel wrapper (or ``net`` itself)."""
+    while isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        net = net.module
+    return net
+
+
+def backbones(net: nn.Module) -> list[nn.Module]:
+    net = unwrap(net)
+    if hasattr(net, "convnets"):
+        return list(net.convnets)
+    if hasattr(net, "convnet"):
+        return [net.convnet]
+    raise TypeError(f"{type(net).__name__} has neither 'convnet' nor 'convnets': cannot take its feature maps")
+
+
+def classifier_weight(net: nn.Module) -> torch.Tensor:
+    """``[num_classes, feature_dim]`` rows of the network's classifier."""
+    fc = getattr(unwrap(net), "fc", None)
+    if fc is None or not hasattr(fc, "weight"):
+        raise TypeError(f"{type(unwrap(net)).__name__} has no linear 'fc' with a weight to take CAMs from")
+    return fc.weight
+
+
+def maps_and_features(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last conv map ``[B, C, h, w]`` and pooled features ``[B, C]`` (backbones concatenated)."""
+    outs = [bb(x) for bb in backbones(net)]
+    fmap = torch.cat([o["fmaps"][-1] for o in outs], dim=1)
+    feats = torch.cat([o["features"] for o in outs], dim=1)
+    return fmap, feats
+
+
+def cam_and_features(net: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw CAM of the true class ``[B, h, w]`` and pooled features ``[B, C]`` from one forward pass."""
+    fmap, feats = maps_and_features(net, x)
+    weight = classifier_weight(net)
+    if weight.shape[1] != fmap.shape[1]:
+        raise ValueError(
+            f"classifier reads {weight.shape[1]} features but the last maps have {fmap.shape[1]} channels"
+        )
+    return class_activation_maps(fmap, weight, labels), feats
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module):
+    """Evaluate with BN in eval mode, then restore every submodule's own train/eval flag."""
+    flags = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -1,0 +1,163 @@
+"""Per-run results file and per-phase memory figures, for every run (plugin on or off).
+
+``ResultsMixin`` is composed in front of any PyCIL learner. It records what ``eval_task``
+returns and, after every phase, the memory: exemplars per class, units used, bytes used and the
+budget in bytes; it logs these figures and rewrites ``<PyCIL log name>_results.json`` atomically,
+so a crashed run keeps the phases it finished. ``finish()`` prints the file's path at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def results_path(args: dict) -> Path:
+    base = args.get("logfilename") or os.path.join("logs", f"{args.get('model_name', 'run')}_{args.get('seed', 0)}")
+    return Path(f"{base}_results.json")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plain_memory_figures(learner: Any, storage_size: int) -> dict:
+    """Memory figures of PyCIL's own (uncompressed) exemplar memory."""
+    targets = np.asarray(learner._targets_memory)
+    data = learner._data_memory
+    labels, counts = np.unique(targets, return_counts=True) if len(targets) else ([], [])
+    holds_pixels = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4
+    if holds_pixels:
+        full = int(np.prod(data.shape[1:]))
+    else:  # file paths: count each exemplar at the plugin's storage resolution
+        full = storage_size * storage_size * 3
+    per_class = learner.samples_per_class
+    n_classes = learner._total_classes
+    return {
+        "kind": "plain",
+        "exemplars": int(len(targets)),
+        "exemplars_per_class": {str(int(k)): int(v) for k, v in zip(labels, counts)},
+        "mean_exemplars_per_class": float(np.mean(counts)) if len(targets) else 0.0,
+        "units_used": float(len(targets)),
+        "bytes_used": int(len(targets) * full),
+        "bytes_counted_at_storage_resolution": not holds_pixels,
+        "full_exemplar_bytes": full,
+        "units_per_class": per_class,
+        "budget_units": per_class * n_classes,
+        "budget_bytes": int(per_class * n_classes * full),
+    }
+
+
+def format_memory(m: dict) -> str:
+    per = list(m["exemplars_per_class"].values()) or [0]
+    return (
+        f"{m['kind']} memory: {m['exemplars']} exemplars, {m['mean_exemplars_per_class']:.2f}/class "
+        f"(min {min(per)}, max {max(per)}), {m['units_used']:.2f}/{m['budget_units']} units, "
+        f"{m['bytes_used']:,}/{m['budget_bytes']:,} bytes"
+    )
+
+
+class ResultsMixin:
+    """Records accuracies and memory figures per phase into a results.json beside PyCIL's log."""
+
+    def _results_setup(self, args: dict, storage_size: int) -> None:
+        self._results_file = results_path(args)
+        self._results_storage_size = storage_size
+        self._results_t0 = time.time()
+        self._results_pending: dict = {}
+        self._results = {
+            "results_version": 1,
+            "model_name": args.get("model_name"),
+            "dataset": args.get("dataset"),
+            "seed": args.get("seed"),
+            "cim": bool(args.get("cim", False)),
+            "cim_mask": args.get("cim_mask", "cam") if args.get("cim") else None,
+            "log_file": f"{args['logfilename']}.log" if args.get("logfilename") else None,
+            "phases": [],
+            "config": _jsonable({k: v for k, v in args.items()}),
+        }
+
+    def eval_task(self, *args, **kwargs):
+        cnn, nme = super().eval_task(*args, **kwargs)
+        self._results_pending = {
+            "task": self._cur_task,
+            "classes": self._total_classes,
+            "cnn_top1": float(cnn["top1"]),
+            "cnn_top5": float(cnn.get("top5", float("nan"))),
+            "cnn_grouped": _jsonable(cnn["grouped"]),
+            "nme_top1": None if nme is None else float(nme["top1"]),
+            "nme_grouped": None if nme is None else _jsonable(nme["grouped"]),
+        }
+        return cnn, nme
+
+    def _results_memory(self) -> dict:
+        memory = getattr(self, "_cim_memory", None)
+        if memory is not None:
+            return memory.summary(self.samples_per_class, self._total_classes)
+        return plain_memory_figures(self, self._results_storage_size)
+
+    def after_task(self):
+        out = super().after_task()
+        phase = {**self._results_pending, "memory": self._results_memory(), "elapsed_s": round(time.time() - self._results_t0, 2)}
+        self._results_pending = {}
+        self._results["phases"].append(phase)
+        log.info("Task %s %s", phase.get("task"), format_memory(phase["memory"]))
+        self._results_write()
+        return out
+
+    def _results_write(self) -> None:
+        phases = self._results["phases"]
+        cnn = [p["cnn_top1"] for p in phases if "cnn_top1" in p]
+        nme = [p["nme_top1"] for p in phases if p.get("nme_top1") is not None]
+        self._results["summary"] = {
+            "phases": len(phases),
+            "avg_incremental_cnn_top1": float(np.mean(cnn)) if cnn else None,
+            "last_cnn_top1": cnn[-1] if cnn else None,
+            "avg_incremental_nme_top1": float(np.mean(nme)) if nme else None,
+            "last_nme_top1": nme[-1] if nme else None,
+            "mean_exemplars_per_class": phases[-1]["memory"]["mean_exemplars_per_class"] if phases else None,
+            "bytes_used": phases[-1]["memory"]["bytes_used"] if phases else None,
+            "budget_bytes": phases[-1]["memory"]["budget_bytes"] if phases else None,
+            "wall_time_s": round(time.time() - self._results_t0, 2),
+        }
+        write_json_atomic(self._results_file, self._results)
+
+    def _results_finish(self) -> Path:
+        self._results["finished"] = True
+        self._results_write()
+        log.info("cim-plugin results: %s", self._results_file)
+        print(f"Results written to {self._results_file}", flush=True)
+        return self._results_file

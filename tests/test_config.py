@@ -1,0 +1,63 @@
+import pytest
+
+from cim_plugin.config import CIMConfig, ConfigError, validate_args
+
+
+def test_defaults_are_the_papers():
+    cfg = CIMConfig.from_args({"cim": True, "model_name": "foster"})
+    assert (cfg.compress_ratio, cfg.mask_threshold, cfg.cam_update_interval) == (4.0, 0.6, 40)
+    assert (cfg.randombbxblur_prob_incre, cfg.cam_batch_size, cfg.cim_mask) == (0.1, 16, "cam")
+    assert cfg.downsample_factor == 2
+
+
+def test_values_are_read_from_args():
+    cfg = CIMConfig.from_args({"cim": True, "model_name": "DER", "compress_ratio": 16, "cim_mask": "random", "seed": 7})
+    assert cfg.compress_ratio == 16.0 and cfg.downsample_factor == 4
+    assert cfg.cim_mask == "random" and cfg.model_name == "der" and cfg.seed == 7
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("compress_ratio", 3.0, "square of an integer"),
+        ("compress_ratio", "4", "square of an integer"),
+        ("mask_threshold", 1.0, "< 1.0"),
+        ("mask_threshold", -0.1, ">= 0.0"),
+        ("cam_update_interval", 0, "integer >= 1"),
+        ("cam_update_interval", 2.5, "integer"),
+        ("cim", "yes", "true or false"),
+        ("cim_mask", "pixels", '"cam"'),
+        ("randombbxblur_prob_incre", 1.5, "<= 1.0"),
+        ("epochs", -1, "integer >= 0"),
+        ("milestones", [10, "x"], "list of integers"),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(key, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        CIMConfig.from_args({"cim": True, "model_name": "icarl", key: value})
+    text = str(err.value)
+    assert f"'{key}'" in text and repr(value) in text and fragment in text
+
+
+def test_unknown_plugin_key_and_near_miss_are_errors():
+    problems = validate_args({"cim": True, "model_name": "icarl", "cim_maks": "cam", "compres_ratio": 4})
+    assert any("'cim_maks'" in p and "did you mean 'cim_mask'" in p for p in problems)
+    assert any("'compres_ratio'" in p and "did you mean 'compress_ratio'" in p for p in problems)
+
+
+def test_pycil_keys_are_not_flagged():
+    args = {"prefix": "x", "dataset": "cifar100", "memory_size": 2000, "init_cls": 10, "increment": 10,
+            "model_name": "foster", "convnet_type": "resnet32", "device": ["0"], "seed": [1], "beta1": 0.9,
+            "boosting_epochs": 1, "compression_epochs": 1, "init_epochs": 1, "lr": 0.1}
+    assert validate_args(args) == []
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ConfigError) as err:
+        CIMConfig.from_args({"cim": True, "model_name": "bic", "compress_ratio": 2, "mask_threshold": 7})
+    assert len(err.value.problems) == 3
+    assert "model_name" in str(err.value) and "icarl, der, foster" in str(err.value)
+
+
+def test_cim_off_with_any_learner_is_fine():
+    assert CIMConfig.from_args({"model_name": "bic"}).cim is False
