@@ -15,9 +15,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 #: Learners the plugin can extend.
-SUPPORTED_LEARNERS = ("icarl", "der", "foster")
+SUPPORTED_LEARNERS = ("icarl", "der", "foster", "lucir")
 #: Mask sources: how the full-resolution box of an exemplar is chosen.
-MASK_SOURCES = ("cam", "uniform", "random")
+MASK_SOURCES = ("pau", "cam", "uniform", "random")
+#: How the PAU branch's coefficients are trained: the paper's bilevel step, without the inner
+#: step ("joint"), or not at all ("none": frozen at the ReLU fit).
+BILEVEL_MODES = ("bilevel", "joint", "none")
 #: Prefixes that mark a key as the plugin's own (an unknown key with such a prefix is an error).
 PLUGIN_PREFIXES = ("cim_", "synthetic_")
 
@@ -110,13 +113,22 @@ class CIMConfig:
     """The plugin's settings; every field is a flat key of the PyCIL JSON with the same name."""
 
     cim: bool = False
-    cim_mask: str = "cam"
+    cim_mask: str = "pau"
     compress_ratio: float = 4.0
     mask_threshold: float = 0.6
     cam_update_interval: int = 40
     randombbxblur_prob_incre: float = 0.1
     cam_batch_size: int = 16
     cim_storage_size: int = 224
+    cim_bilevel: str = "bilevel"
+    cim_train_old_paus: bool = False
+    meta_batch_size: int = 16
+    num_meta_iters_per_cls: float = 0.5
+    lr_ratio: float = 0.1
+    phi_lr: float = 0.01
+    max_phi_grad_norm: float = 1.0
+    div_coef: float = 0.2
+    reg_coef: float = 0.1
     model_name: str = ""
     seed: int = 1993
 
@@ -151,6 +163,15 @@ PLUGIN_KEYS: dict[str, Callable[[Any], str | None]] = {
     "randombbxblur_prob_incre": number_in(0.0, 1.0),
     "cam_batch_size": int_in(1),
     "cim_storage_size": int_in(8, 4096),
+    "cim_bilevel": one_of(*BILEVEL_MODES),
+    "cim_train_old_paus": boolean,
+    "meta_batch_size": int_in(2),
+    "num_meta_iters_per_cls": number_in(0.0),
+    "lr_ratio": number_in(0.0),
+    "phi_lr": number_in(0.0),
+    "max_phi_grad_norm": number_in(0.0),
+    "div_coef": number_in(0.0),
+    "reg_coef": number_in(0.0),
     "data_root": path_text,
     "synthetic_num_classes": int_in(2),
     "synthetic_image_size": int_in(32, 256),
@@ -176,11 +197,21 @@ MODULE_HPARAM_KEYS: dict[str, Callable[[Any], str | None]] = {
     "T": number_in(0.0),
 }
 
+#: LUCIR's own keys (the plugin's learner, pycil/lucir.py, where the paper's defaults live). Its
+#: schedule is read from the MODULE_HPARAM_KEYS names above (init_epoch, lrate, milestones, ...).
+LUCIR_KEYS: dict[str, Callable[[Any], str | None]] = {
+    "lambda_base": number_in(0.0),
+    "K": int_in(1),
+    "margin": number_in(0.0),
+    "lambda_mr": number_in(0.0),
+    "imprint_weights": boolean,
+}
+
 
 def validate_args(args: Mapping[str, Any]) -> list[str]:
     """All problems with the keys the plugin reads (empty list = fine)."""
     problems: list[str] = []
-    checks = {**PLUGIN_KEYS, **MODULE_HPARAM_KEYS}
+    checks = {**PLUGIN_KEYS, **MODULE_HPARAM_KEYS, **LUCIR_KEYS}
     for key, check in checks.items():
         if key in args:
             err = check(args[key])

@@ -19,7 +19,10 @@ from pathlib import Path
 from . import locate
 
 DEMO_LEARNERS = ("icarl", "der", "foster")
+#: "off" and "cim" are the demo files as they are; a mask source name runs the "cim" file with
+#: that ``cim_mask`` (same budget), for ablations.
 VARIANTS = ("off", "cim")
+MASK_VARIANTS = ("pau", "cam", "uniform", "random")
 RESULTS_MARK = "Results written to "
 
 
@@ -36,11 +39,20 @@ class RunOutcome:
     log: Path
 
 
-def demo_config(learner: str, variant: str) -> Path:
-    path = locate.plugin_dir("exps") / f"{learner}_{variant}_demo.json"
+def demo_config(learner: str, variant: str, out_dir: Path) -> Path:
+    """The config file for one run: the shipped demo file, or one derived from it for a mask ablation."""
+    shipped = "cim" if variant in MASK_VARIANTS else variant
+    path = locate.plugin_dir("exps") / f"{learner}_{shipped}_demo.json"
     if not path.is_file():
         raise DemoError(f"no demo config {path}")
-    return path
+    if variant == shipped:
+        return path
+    config = json.loads(path.read_text())
+    config.update({"cim_mask": variant, "prefix": f"demo_{variant}"})
+    derived = out_dir / f"{learner}_{variant}_demo.json"
+    derived.parent.mkdir(parents=True, exist_ok=True)
+    derived.write_text(json.dumps(config, indent=4) + "\n")
+    return derived
 
 
 def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path, float]:
@@ -49,7 +61,7 @@ def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path
     results = None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log, subprocess.Popen(
+    with open(log_path, "w", buffering=1) as log, subprocess.Popen(
         [sys.executable, "main.py", "--config", str(config)],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     ) as proc:
@@ -68,7 +80,8 @@ def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path
     return (results if results.is_absolute() else root / results), wall
 
 
-def run_demo(learners=DEMO_LEARNERS, out_dir: Path | None = None, root: Path | None = None, echo=None) -> list[RunOutcome]:
+def run_demo(learners=DEMO_LEARNERS, out_dir: Path | None = None, root: Path | None = None, echo=None,
+             variants=VARIANTS) -> list[RunOutcome]:
     if root is None:
         root, reason = locate.find_pycil_root()
         if root is None:
@@ -78,8 +91,8 @@ def run_demo(learners=DEMO_LEARNERS, out_dir: Path | None = None, root: Path | N
     out_dir = Path(out_dir or Path.cwd() / "cim_demo")
     outcomes = []
     for learner in learners:
-        for variant in VARIANTS:
-            config = demo_config(learner, variant)
+        for variant in variants:
+            config = demo_config(learner, variant, out_dir)
             log = out_dir / f"{learner}_{variant}.log"
             print(f"[demo] {learner:7s} plugin {variant:3s} ... (log: {log})", flush=True)
             results_file, wall = run_pycil(root, config, log, echo)
@@ -97,7 +110,7 @@ def run_demo(learners=DEMO_LEARNERS, out_dir: Path | None = None, root: Path | N
 def comparison_table(outcomes: list[RunOutcome]) -> str:
     head = (
         "| learner | plugin | CNN top-1 per phase | NME top-1 per phase | avg inc. CNN | exemplars/class "
-        "| bytes used / budget | wall s |\n|---|---|---|---|---|---|---|---|"
+        "| box area per phase | bytes used / budget | wall s |\n|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for o in outcomes:
@@ -106,16 +119,23 @@ def comparison_table(outcomes: list[RunOutcome]) -> str:
         cnn = " / ".join(f"{p['cnn_top1']:.1f}" for p in phases)
         nme = " / ".join("-" if p.get("nme_top1") is None else f"{p['nme_top1']:.1f}" for p in phases)
         avg = o.results["summary"]["avg_incremental_cnn_top1"]
+        area = " / ".join("-" if p["memory"].get("mean_box_area") is None else f"{p['memory']['mean_box_area']:.2f}" for p in phases)
+        variant = o.variant if o.variant != "cim" else f"cim ({o.results.get('cim_mask')})"
         rows.append(
-            f"| {o.learner} | {o.variant} | {cnn} | {nme} | {avg:.2f} | {mem['mean_exemplars_per_class']:.2f} "
-            f"| {mem['bytes_used']:,} / {mem['budget_bytes']:,} | {o.wall_s:.0f} |"
+            f"| {o.learner} | {variant} | {cnn} | {nme} | {avg:.2f} | {mem['mean_exemplars_per_class']:.2f} "
+            f"| {area} | {mem['bytes_used']:,} / {mem['budget_bytes']:,} | {o.wall_s:.0f} |"
         )
     by = {(o.learner, o.variant): o for o in outcomes}
     notes = []
     for learner in dict.fromkeys(o.learner for o in outcomes):
-        off, on = by.get((learner, "off")), by.get((learner, "cim"))
-        if off and on:
+        off = by.get((learner, "off"))
+        for o in outcomes:
+            if o.learner != learner or o.variant == "off" or off is None:
+                continue
             e_off = off.results["phases"][-1]["memory"]["mean_exemplars_per_class"]
-            e_on = on.results["phases"][-1]["memory"]["mean_exemplars_per_class"]
-            notes.append(f"{learner}: {e_on / e_off:.2f}x exemplars per class with the plugin at the same budget")
+            e_on = o.results["phases"][-1]["memory"]["mean_exemplars_per_class"]
+            notes.append(
+                f"{learner} {o.variant}: {e_on / e_off:.2f}x exemplars per class at the same budget, "
+                f"wall time {o.wall_s / off.wall_s:.2f}x of plugin off"
+            )
     return "\n".join(rows + [""] + notes)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_open
 
 ENV_VAR = "PYCIL_ROOT"
 
@@ -69,20 +70,9 @@ def record_pycil_root(path) -> Path:
     except ValueError:
         data = {}  # an unreadable file is replaced by a good one
     data["pycil_root"] = str(root)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json.tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(target, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
     return target
 
 

@@ -6,7 +6,9 @@ from cim_plugin.config import CIMConfig, ConfigError, validate_args
 def test_defaults_are_the_papers():
     cfg = CIMConfig.from_args({"cim": True, "model_name": "foster"})
     assert (cfg.compress_ratio, cfg.mask_threshold, cfg.cam_update_interval) == (4.0, 0.6, 40)
-    assert (cfg.randombbxblur_prob_incre, cfg.cam_batch_size, cfg.cim_mask) == (0.1, 16, "cam")
+    assert (cfg.randombbxblur_prob_incre, cfg.cam_batch_size, cfg.cim_mask) == (0.1, 16, "pau")
+    assert (cfg.meta_batch_size, cfg.num_meta_iters_per_cls, cfg.lr_ratio, cfg.phi_lr) == (16, 0.5, 0.1, 0.01)
+    assert (cfg.max_phi_grad_norm, cfg.div_coef, cfg.reg_coef, cfg.cim_bilevel) == (1.0, 0.2, 0.1, "bilevel")
     assert cfg.downsample_factor == 2
 
 
@@ -27,6 +29,8 @@ def test_values_are_read_from_args():
         ("cam_update_interval", 2.5, "integer"),
         ("cim", "yes", "true or false"),
         ("cim_mask", "pixels", '"cam"'),
+        ("cim_bilevel", "half", '"joint"'),
+        ("meta_batch_size", 1, "integer >= 2"),
         ("randombbxblur_prob_incre", 1.5, "<= 1.0"),
         ("epochs", -1, "integer >= 0"),
         ("milestones", [10, "x"], "list of integers"),
@@ -61,3 +65,13 @@ def test_every_problem_is_listed_at_once():
 
 def test_cim_off_with_any_learner_is_fine():
     assert CIMConfig.from_args({"model_name": "bic"}).cim is False
+
+
+def test_lucir_keys_are_checked_and_lucir_takes_the_plugin():
+    problems = validate_args({"model_name": "lucir", "K": 0, "lambda_base": -1, "margin": "0.5",
+                              "lambda_mr": 1, "imprint_weights": "yes"})
+    assert len(problems) == 4
+    assert all(any(f"'{k}'" in p for p in problems) for k in ("K", "lambda_base", "margin", "imprint_weights"))
+    ok = {"cim": True, "model_name": "lucir", "convnet_type": "cosine_resnet18", "K": 2, "lambda_base": 5,
+          "margin": 0.5, "lambda_mr": 1.0, "imprint_weights": True, "init_epoch": 90, "lrate": 0.1}
+    assert validate_args(ok) == []

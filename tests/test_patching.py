@@ -39,7 +39,7 @@ EXPECTED_PATCHES = [
     "0005-resnet-stem.patch",
     "0006-plugin-hook.patch",
 ]
-CHANGED = {"trainer.py", "utils/data_manager.py", "models/base.py", "convs/resnet.py"}
+CHANGED = {"trainer.py", "utils/data_manager.py", "models/base.py", "convs/resnet.py", "convs/ucir_resnet.py", "utils/factory.py"}
 ADDED = {"utils/plugin_hook.py"}
 FAKE_EXPS = ["cimtest_a.json", "cimtest_b.json"]
 
@@ -200,6 +200,13 @@ def test_patched_pycil_behaves(clone, fake_exps, capsys):
                              "init_cls": 5, "increment": 5})
         assert net(torch.zeros(1, 3, 64, 64))["features"].shape == (1, 512)
         assert plugin_hook._plugin is None and plugin_hook.get_idata("x") is None
+        assert plugin_hook.get_model("lucir", {}) is None
+        from utils import factory
+        try:
+            factory.get_model("lucir", {})
+            raise AssertionError("an unknown model_name was accepted")
+        except NotImplementedError as err:
+            assert str(err) == "Unknown model_name lucir", err
         plugin_hook.before_run({"cim": False})
         model = object()
         assert plugin_hook.wrap_learner(model, {}) is model

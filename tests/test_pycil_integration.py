@@ -35,6 +35,7 @@ LEARNER_KEYS = {
     "foster": {"beta1": 0.97, "beta2": 0.97, "oofc": "ft", "is_teacher_wa": False, "is_student_wa": False,
                "lambda_okd": 1, "wa_value": 1, "init_epochs": 1, "init_lr": 0.01, "init_weight_decay": 5e-4,
                "boosting_epochs": 1, "compression_epochs": 1, "lr": 0.01, "weight_decay": 5e-4, "T": 2},
+    "lucir": {"convnet_type": "cosine_resnet18", "init_epoch": 1, "epochs": 1, "init_lr": 0.01, "lrate": 0.01},
 }
 CIM = {"cim": True, "cim_mask": "cam", "cam_update_interval": 1, "randombbxblur_prob_incre": 0.5}
 
@@ -70,23 +71,38 @@ def results_of(proc: subprocess.CompletedProcess, root: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("learner", ["icarl", "der", "foster"])
-def test_plugin_on_holds_more_exemplars_at_no_more_bytes(pycil, tmp_path_factory, learner):
-    tmp = tmp_path_factory.mktemp(learner)
-    cache = tmp_path_factory.getbasetemp() / "synthetic-cache"
-    base = {**TINY, **LEARNER_KEYS[learner], "model_name": learner, "data_root": str(cache)}
-    off = results_of(run_main(pycil, {**base, "prefix": "off"}, tmp, "off"), pycil)
-    on_proc = run_main(pycil, {**base, **CIM, "prefix": "on"}, tmp, "on")
-    on = results_of(on_proc, pycil)
+@pytest.fixture(scope="module")
+def run(pycil, tmp_path_factory):
+    """run(learner, variant) -> (completed process, results): each run made once per module."""
+    done = {}
+    cache = tmp_path_factory.mktemp("synthetic-cache")
 
+    def _run(learner, variant):
+        if (learner, variant) not in done:
+            tmp = tmp_path_factory.mktemp(f"{learner}-{variant}")
+            config = {**TINY, **LEARNER_KEYS[learner], "model_name": learner, "data_root": str(cache), "prefix": variant}
+            if variant != "off":
+                config.update({**CIM, "cim_mask": variant})
+            proc = run_main(pycil, config, tmp, variant)
+            done[learner, variant] = proc, results_of(proc, pycil)
+        return done[learner, variant]
+
+    return _run
+
+
+@pytest.mark.parametrize("learner", ["icarl", "der", "foster"])
+def test_cam_plugin_holds_more_exemplars_at_no_more_bytes(run, learner):
+    _, off = run(learner, "off")
+    on_proc, on = run(learner, "cam")
     assert [p["task"] for p in off["phases"]] == [0, 1] == [p["task"] for p in on["phases"]]
-    assert off["cim"] is False and on["cim"] is True
+    assert off["cim"] is False and on["cim"] is True and on["cim_mask"] == "cam"
     for phase_off, phase_on in zip(off["phases"], on["phases"]):
         m_off, m_on = phase_off["memory"], phase_on["memory"]
         assert m_off["kind"] == "plain" and m_on["kind"] == "compressed"
         assert m_on["budget_bytes"] == m_off["budget_bytes"] > 0
         assert m_on["bytes_used"] <= m_on["budget_bytes"]
         assert m_on["mean_exemplars_per_class"] > m_off["mean_exemplars_per_class"]
+        assert 0 < m_on["mean_box_area"] < 1
         assert 0 <= phase_on["cnn_top1"] <= 100 and phase_on["nme_top1"] is not None
     # the memory shrank with the per-class budget (32 // 5 = 6, then 32 // 8 = 4 units per class)
     assert off["phases"][0]["memory"]["units_per_class"] == 6 and off["phases"][1]["memory"]["units_per_class"] == 4
@@ -94,6 +110,19 @@ def test_plugin_on_holds_more_exemplars_at_no_more_bytes(pycil, tmp_path_factory
     # the log states the memory figures after every phase, and the augmentation ran
     assert on_proc.stdout.count("compressed memory:") == 2
     assert "compressed share now" in on_proc.stdout
+    assert "CIM mask steps" not in on_proc.stdout  # no branch for "cam"
+
+
+@pytest.mark.parametrize("learner", ["icarl", "der", "foster", "lucir"])
+def test_pau_branch_trains_by_bilevel_steps_inside_pycil(run, learner):
+    _, off = run(learner, "off")
+    proc, pau = run(learner, "pau")
+    assert pau["cim_mask"] == "pau" and len(pau["phases"]) == 2
+    # num_meta_iters = new classes x 0.5: 5 classes -> 2 (3 -> 2) steps after each CIL epoch
+    assert proc.stdout.count("CIM mask steps: 2 this epoch") >= 2
+    for phase_off, phase_pau in zip(off["phases"], pau["phases"]):
+        assert phase_pau["memory"]["bytes_used"] <= phase_pau["memory"]["budget_bytes"] == phase_off["memory"]["budget_bytes"]
+        assert phase_pau["memory"]["mean_exemplars_per_class"] > phase_off["memory"]["mean_exemplars_per_class"]
 
 
 def test_bad_plugin_key_stops_the_run_before_training(pycil, tmp_path):
@@ -104,3 +133,30 @@ def test_bad_plugin_key_stops_the_run_before_training(pycil, tmp_path):
     err = proc.stderr
     assert "'compress_ratio' = 3" in err and "'cim_maks'" in err and "did you mean 'cim_mask'" in err
     assert "Learning on" not in proc.stdout
+
+
+def test_imagenet_style_folder_with_the_shipped_foster_cim_config(pycil, tmp_path):
+    """exps/foster_cim.json (paper settings, path dataset) with a data root set, shrunk to CPU size."""
+    from PIL import Image
+
+    from cim_plugin.data.synthetic import SyntheticSpec, generate
+
+    data = generate(SyntheticSpec(num_classes=6, image_size=64, train_per_class=6, test_per_class=2))
+    root = tmp_path / "imagenet_like"
+    for split, xs, ys in (("train", data.train_x, data.train_y), ("val", data.test_x, data.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = root / split / f"n{int(y):08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            # odd sizes and a grayscale file: the storage loader brings them all to 64 x 64 RGB
+            img = Image.fromarray(x).resize((80 + 7 * (i % 3), 64 + 5 * (i % 2)))
+            (img.convert("L") if i == 0 else img).save(folder / f"{i}.jpg")
+    shipped = json.loads((locate.plugin_dir("exps") / "foster_cim.json").read_text())
+    config = {**shipped, "data_root": str(root), "device": ["-1"], "seed": [1993], "init_cls": 5, "increment": 1,
+              "memory_size": 12, "init_epochs": 1, "boosting_epochs": 1, "compression_epochs": 1, "batch_size": 8,
+              "num_workers": 0, "cim_storage_size": 64, "init_lr": 0.01, "lr": 0.01, "prefix": "folder"}
+    proc = run_main(pycil, config, tmp_path, "folder")
+    res = results_of(proc, pycil)
+    assert res["cim_mask"] == "pau" and len(res["phases"]) == 2
+    mem = res["phases"][-1]["memory"]
+    assert mem["storage_shape"] == [64, 64, 3] and mem["full_exemplar_bytes"] == 64 * 64 * 3
+    assert mem["bytes_used"] <= mem["budget_bytes"] and mem["mean_exemplars_per_class"] > 12 // 6

@@ -5,7 +5,8 @@ the paper's ablation (../shared/docs/method.md §6):
 
 - ``cam``: fixed-threshold CAM of the CIL model (tight box of ``CAM > mask_threshold``);
 - ``uniform``: no box at all — the whole image is downsampled (MRDC-like many-shot);
-- ``random``: a box of the size the CAM box would have had, at a uniformly random position.
+- ``random``: a box of the size the CAM box would have had, at a uniformly random position;
+- ``pau``: CIM — the thresholded CAM of the mask branch (PAU activations, conv/BN shared).
 
 The CAM itself comes from a ``cam_fn(images, labels) -> raw CAM [B, h, w]`` supplied by whoever
 knows the network (the PyCIL adapter), so the same sources serve any backbone — and the CIM
@@ -38,6 +39,7 @@ class MaskSource:
 
     name = "base"
     needs_cam = True
+    needs_branch = False
 
     def __init__(self, factor: int, threshold: float = 0.6, generator: torch.Generator | None = None):
         self.factor = int(factor)
@@ -63,6 +65,13 @@ class CamMaskSource(MaskSource):
         return self._cam_boxes(images, labels, cam_fn)
 
 
+class PauMaskSource(CamMaskSource):
+    """Like ``cam``, but the adapter hands it the CIM branch's CAM (PAU activations, shared θ)."""
+
+    name = "pau"
+    needs_branch = True
+
+
 class UniformMaskSource(MaskSource):
     name = "uniform"
     needs_cam = False
@@ -82,7 +91,7 @@ class RandomMaskSource(MaskSource):
 
 
 MASK_SOURCES: dict[str, type[MaskSource]] = {
-    cls.name: cls for cls in (CamMaskSource, UniformMaskSource, RandomMaskSource)
+    cls.name: cls for cls in (PauMaskSource, CamMaskSource, UniformMaskSource, RandomMaskSource)
 }
 
 

@@ -12,10 +12,8 @@ inside checkpoints.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..atomic import atomic_open
 from . import codec
 from .herding import fit_prefix
 
@@ -124,6 +123,15 @@ class ExemplarMemory:
         """Bytes of the per-exemplar bookkeeping (box, cost, offset) beside the pixels."""
         return int(sum(s.boxes.nbytes + s.costs.nbytes + s.offsets.nbytes for s in self._classes.values()))
 
+    def mean_box_area(self) -> float | None:
+        """Mean share of the image kept at full resolution, over every stored exemplar."""
+        if not len(self):
+            return None
+        h, w, _ = self.image_shape
+        boxes = np.concatenate([s.boxes for s in self._classes.values()])
+        areas = np.clip(boxes[:, 1] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 2], 0, None)
+        return round(float(areas.mean()) / (h * w), 6)
+
     def boxes(self, label: int) -> np.ndarray:
         return self._classes[int(label)].boxes.copy()
 
@@ -205,6 +213,8 @@ class ExemplarMemory:
             "exemplars_per_class": {str(k): v for k, v in counts.items()},
             "mean_exemplars_per_class": float(np.mean(list(counts.values()))) if counts else 0.0,
             "units_used": round(self.units_used(), 6),
+            "mean_cost": round(self.units_used() / len(self), 6) if len(self) else None,
+            "mean_box_area": self.mean_box_area(),
             "bytes_used": self.bytes_used(),
             "metadata_bytes": self.metadata_bytes(),
             "full_exemplar_bytes": self.full_exemplar_bytes,
@@ -261,19 +271,8 @@ class ExemplarMemory:
         for label, s in state["classes"].items():
             for key, arr in s.items():
                 arrays[f"class{label}_{key}"] = arr
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)
         return path
 
     def load(self, path: str | os.PathLike) -> None:

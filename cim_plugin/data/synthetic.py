@@ -26,13 +26,14 @@ import functools
 import logging
 import os
 import pathlib
-import tempfile
 import time
 import zipfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..atomic import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -414,22 +415,10 @@ def _read_cache(path: pathlib.Path, spec: SyntheticSpec) -> SyntheticData:
 
 
 def _write_cache(path: pathlib.Path, spec: SyntheticSpec, data: SyntheticData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: getattr(data, k) for k in _ARRAY_KEYS},
-                     class_names=np.array(data.class_names, dtype=str),
-                     cache_key=np.array(spec.cache_key()))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **{k: getattr(data, k) for k in _ARRAY_KEYS},
+                 class_names=np.array(data.class_names, dtype=str),
+                 cache_key=np.array(spec.cache_key()))
 
 
 def cache_path(spec: SyntheticSpec, cache_dir: pathlib.Path | None = None) -> pathlib.Path:

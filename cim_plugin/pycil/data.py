@@ -156,6 +156,8 @@ class PluginDataManager:
             dataset = self._learner._cim_wrap_train_dataset(dataset)
         if memory is not None and len(memory):
             dataset = ConcatDataset([dataset, memory.as_dataset(dataset.trsf)])
+        if source == "train" and mode == "train":
+            self._learner._cim_train_set = dataset
         return (*result[:-1], dataset) if ret_data else dataset
 
     def class_items(self, label: int) -> tuple[Sequence, np.ndarray]:
@@ -174,7 +176,7 @@ def synthetic_idata(args: dict) -> Any:
     """PyCIL iData for the built-in synthetic small-object set (keys ``synthetic_*``)."""
     from torchvision import transforms
 
-    from ..data.synthetic import SyntheticSpec, default_cache_dir, load_synthetic
+    from ..data.synthetic import default_cache_dir, load_synthetic
 
     spec = synthetic_spec(args)
     cache = Path(args["data_root"]) if "data_root" in args else default_cache_dir()

@@ -1,7 +1,8 @@
 """Entry points PyCIL calls through ``utils/plugin_hook.py`` (added by patches/0006-plugin-hook.patch).
 
 trainer._train:  before_run(args) -> DataManager(...) [-> get_idata(name)] -> factory.get_model(...)
-                 -> wrap_learner(model, args) -> task loop -> after_run(model, args)
+                 [-> get_model(name, args) for names PyCIL lacks] -> wrap_learner(model, args)
+                 -> task loop -> after_run(model, args)
 
 With ``"cim": false`` (or absent) the learner is PyCIL's own, composed only with the results
 recorder (which changes no training); with ``"cim": true`` the CIM mixin is composed in front of
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..config import CIMConfig, ConfigError
 from .data import FOLDER_DATASETS, folder_problems, imagenet_idata, synthetic_idata, synthetic_spec
+from .checks import folder_class_count, pycil_problems
 from .hparams import apply_module_hparams
 from .learner import CIMLearnerMixin
 from .results import ResultsMixin
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 _RUN: dict[str, Any] = {}
 
 SYNTHETIC_NAME = "synthetic"
+#: (classes, image side) of PyCIL's array datasets, for the combination checks.
+KNOWN_DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32)}
 
 
 def check_args(args: dict) -> CIMConfig:
@@ -38,9 +42,12 @@ def check_args(args: dict) -> CIMConfig:
         problems += err.problems
         cfg = None
     dataset = str(args.get("dataset", "")).lower()
+    num_classes, image_size = KNOWN_DATASETS.get(dataset, (None, None))
     if dataset == SYNTHETIC_NAME:
         try:
-            synthetic_spec(args).validate()
+            spec = synthetic_spec(args)
+            spec.validate()
+            num_classes, image_size = spec.num_classes, spec.image_size
         except (ValueError, TypeError) as err:
             problems.append(f"synthetic dataset: {err}")
     elif dataset in FOLDER_DATASETS:
@@ -48,6 +55,8 @@ def check_args(args: dict) -> CIMConfig:
             problems.append(f"key 'dataset' = {dataset!r} needs 'data_root': a folder with train/ and val/ class folders")
         else:
             problems += folder_problems(args["data_root"])
+            num_classes = folder_class_count(args["data_root"]) or None
+    problems += pycil_problems(args, num_classes, image_size)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -77,6 +86,15 @@ def get_idata(dataset_name: str) -> Any:
         return synthetic_idata(args)
     if name in FOLDER_DATASETS and "data_root" in args:
         return imagenet_idata(name, args["data_root"])
+    return None
+
+
+def get_model(model_name: str, args: dict) -> Any:
+    """A learner the plugin provides (PyCIL's factory asks for names it lacks), or None."""
+    if str(model_name).lower() == "lucir":
+        from .lucir import LUCIR  # imports PyCIL's modules: only ever called inside a PyCIL run
+
+        return LUCIR(args)
     return None
 
 

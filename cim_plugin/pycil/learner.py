@@ -22,13 +22,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
 from ..config import CIMConfig
+from ..core.bilevel import BilevelSettings, mask_step
+from ..core.branch import PAUBranch
+from ..core.cam import class_activation_maps
 from ..core.codec import blend_compress
 from ..core.herding import herding_rank
 from ..core.masks import make_mask_source
 from ..core.memory import CompressedExemplarMemory
 from .data import ArtefactAugmentedDataset, AugmentState, Normalizer, PluginDataManager, storage_shape, to_storage
-from .nets import cam_and_features, eval_mode, unwrap
+from .losses import cil_loss_for
+from .nets import backbones, cam_and_features, classifier_weight, eval_mode, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ log = logging.getLogger(__name__)
 class EpochEndScheduler:
     """Wraps a learner's lr scheduler: every ``step()`` (once per epoch) also calls ``on_epoch_end``."""
 
-    def __init__(self, scheduler: Any, on_epoch_end: Callable[[int], None]):
+    def __init__(self, scheduler: Any, on_epoch_end: Callable[[int, Any], None]):
         self._scheduler = scheduler
         self._on_epoch_end = on_epoch_end
         self.epochs_done = 0
@@ -44,7 +51,7 @@ class EpochEndScheduler:
     def step(self, *args, **kwargs):
         out = self._scheduler.step(*args, **kwargs)
         self.epochs_done += 1
-        self._on_epoch_end(self.epochs_done)
+        self._on_epoch_end(self.epochs_done, self._scheduler)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -67,13 +74,20 @@ class CIMLearnerMixin:
         self._cim_mask = make_mask_source(cfg.cim_mask, cfg.downsample_factor, cfg.mask_threshold, cfg.seed)
         self._cim_dm: PluginDataManager | None = None
         self._cim_train_items: Any = None
-        self._cim_phase_log: list[dict] = []
+        self._cim_train_set: Any = None
+        self._cim_branch: PAUBranch | None = None
+        self._cim_meta: dict = {}
+        self._cim_bilevel = BilevelSettings(
+            factor=cfg.downsample_factor, div_coef=cfg.div_coef, reg_coef=cfg.reg_coef,
+            max_phi_grad_norm=cfg.max_phi_grad_norm, mode=cfg.cim_bilevel,
+        )
 
     # -- PyCIL seams ---------------------------------------------------------------------------
     def incremental_train(self, data_manager):
         dm = data_manager if isinstance(data_manager, PluginDataManager) else PluginDataManager(data_manager, self)
         self._cim_dm = dm
         self._cim_aug.reset()
+        self._cim_meta = {}
         if self._cim_memory is None:
             shape = storage_shape(dm, self._cim.cim_storage_size)
             self._cim_memory = CompressedExemplarMemory(shape, self._cim.compress_ratio)
@@ -125,6 +139,40 @@ class CIMLearnerMixin:
             stats["units_used"], stats["budget_units"], stats["bytes_used"], stats["budget_bytes"], fallbacks,
         )
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, filename):
+        """PyCIL's own checkpoint, plus ``<filename>_<task>_cim.pt`` with φ and the memory."""
+        super().save_checkpoint(filename)
+        path = f"{filename}_{self._cur_task}_cim.pt"
+        torch.save(self._cim_state_dict(), path)
+        return path
+
+    def _cim_state_dict(self) -> dict:
+        return {
+            "task": self._cur_task,
+            "phi": None if self._cim_branch is None else {k: v.detach().cpu() for k, v in self._cim_branch.state_dict().items()},
+            "memory": None if self._cim_memory is None else self._cim_memory.state_dict(),
+        }
+
+    def _cim_load_state_dict(self, state: dict) -> None:
+        """Restore φ (into a branch over the network's current backbones) and the memory."""
+        if state.get("phi") is not None:
+            self._cim_branch = None
+            self._cim_meta = {}
+            branch = self._cim_sync_branch()
+            bbs = backbones(self._network)
+            n_saved = 1 + max(int(k.split(".")[1]) for k in state["phi"])
+            if n_saved > len(bbs):
+                raise ValueError(f"checkpoint has PAUs for {n_saved} backbones, the network has {len(bbs)}")
+            result = branch.load_state_dict({k: v.to(self._device) for k, v in state["phi"].items()}, strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"checkpoint PAUs do not fit this network's ReLU sites: {result.unexpected_keys[:3]} ...")
+        if state.get("memory") is not None:
+            meta = state["memory"]
+            if self._cim_memory is None:
+                self._cim_memory = CompressedExemplarMemory(tuple(meta["image_shape"]), self._cim.compress_ratio)
+            self._cim_memory.load_state_dict(meta)
+
     # -- training-set side ---------------------------------------------------------------------
     def _cim_wrap_train_dataset(self, dataset):
         """PyCIL's new-class training set, with the artefact augmentation attached."""
@@ -134,9 +182,16 @@ class CIMLearnerMixin:
     def _cim_hooked(self, scheduler):
         return EpochEndScheduler(scheduler, self._cim_on_epoch_end)
 
-    def _cim_on_epoch_end(self, epoch: int) -> None:
+    def _cim_on_epoch_end(self, epoch: int, scheduler: Any = None) -> None:
+        """After each CIL epoch: the mask-level steps (pau), then, on schedule, new-class boxes."""
+        if self._cim_mask.needs_branch and self._cim_bilevel.mode != "none":
+            self._cim_mask_steps(scheduler)
+        if epoch % self._cim.cam_update_interval == 0:
+            self._cim_refresh_boxes(epoch)
+
+    def _cim_refresh_boxes(self, epoch: int) -> None:
         cfg = self._cim
-        if epoch % cfg.cam_update_interval or self._cim_train_items is None or cfg.randombbxblur_prob_incre <= 0:
+        if self._cim_train_items is None or cfg.randombbxblur_prob_incre <= 0:
             return
         ds = self._cim_train_items
         labels = np.asarray(ds.labels, dtype=np.int64)
@@ -153,13 +208,106 @@ class CIMLearnerMixin:
 
     # -- memory side ---------------------------------------------------------------------------
     def _cim_forward(self, raw: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw CAM and pooled features of uint8 storage images (eval mode, no grad)."""
+        """Raw CAM (of the CIL model, or of the CIM branch for "pau") and pooled CIL features
+        of uint8 storage images (eval mode, no grad)."""
         net = unwrap(self._network)
         x = self._cim_norm(raw, self._device)
         y = torch.as_tensor(labels, dtype=torch.int64, device=self._device)
         with eval_mode(net), torch.no_grad():
             cam, feats = cam_and_features(net, x, y)
+            if self._cim_mask.needs_branch:
+                cam, _ = self._cim_branch_outputs(x, y)
         return cam.cpu(), feats.cpu()
+
+    # -- the CIM branch (PAU activations, conv/BN shared) and its bilevel steps ------------------
+    def _cim_sync_branch(self) -> PAUBranch:
+        """The branch, following the network's backbones (DER/FOSTER grow one per phase; FOSTER's
+        student takes the place of index 0). Old backbones' PAUs are trained only if
+        ``cim_train_old_paus`` says so."""
+        bbs = backbones(self._network)
+        branch = self._cim_branch
+        if branch is None:
+            branch = self._cim_branch = PAUBranch(bbs)
+        if branch is not None and (len(branch.backbones) != len(bbs) or any(a is not b for a, b in zip(branch.backbones, bbs)) or "synced" not in self._cim_meta):
+            self._cim_meta["synced"] = True
+            self._cim_branch.sync(bbs, train_old=self._cim.cim_train_old_paus)
+            self._cim_branch.to(self._device)
+            self._cim_meta.pop("optimizer", None)
+        return self._cim_branch
+
+    def _cim_branch_outputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw CAM ``[B, h, w]`` and classifier logits of the branch; differentiable in φ only
+        (θ and ω are read detached)."""
+        net = unwrap(self._network)
+        branch = self._cim_sync_branch()
+        maps, feats = [], []
+        for i, bb in enumerate(backbones(net)):
+            params = {n: p.detach() for n, p in bb.named_parameters()}
+            with branch.activated(i):
+                out = functional_call(bb, params, (x,))
+            maps.append(out["fmaps"][-1])
+            feats.append(out["features"])
+        fmap, feat = torch.cat(maps, dim=1), torch.cat(feats, dim=1)
+        weight = classifier_weight(net).detach()
+        logits = torch.nn.functional.linear(torch.nn.functional.normalize(feat, dim=1), weight) \
+            if getattr(net.fc, "sigma", None) is not None else net.fc(feat)["logits"]
+        return class_activation_maps(fmap, weight, y), logits
+
+    def _cim_meta_batches(self):
+        """Endless (x, y) batches of the phase's training set (new classes + memory)."""
+        loader = DataLoader(self._cim_train_set, batch_size=self._cim.meta_batch_size, shuffle=True,
+                            num_workers=0, drop_last=len(self._cim_train_set) > self._cim.meta_batch_size)
+        while True:
+            for _, x, y in loader:
+                yield x.to(self._device), torch.as_tensor(y, dtype=torch.int64).to(self._device)
+
+    def _cim_mask_steps(self, scheduler: Any) -> None:
+        cfg, meta = self._cim, self._cim_meta
+        if self._cim_train_set is None:
+            return
+        branch = self._cim_sync_branch()
+        phi = branch.trainable_parameters()
+        if not phi:
+            return
+        n_new = self._total_classes - self._known_classes
+        iters = max(1, int(round(n_new * cfg.num_meta_iters_per_cls)))
+        if "optimizer" not in meta:
+            meta["optimizer"] = torch.optim.Adam(phi, lr=cfg.phi_lr)
+            meta["scheduler"] = torch.optim.lr_scheduler.CosineAnnealingLR(
+                meta["optimizer"], T_max=max(1, iters * self._cim_phase_epochs(scheduler))
+            )
+            meta["batches"] = self._cim_meta_batches()
+            meta["steps"] = 0
+        lr = scheduler.optimizer.param_groups[0]["lr"] if scheduler is not None else 0.0
+        net = unwrap(self._network)
+        theta = [n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
+        loss_fn = cil_loss_for(self)
+        parts = {}
+        with eval_mode(net):
+            for _ in range(iters):
+                inner, outer = next(meta["batches"]), next(meta["batches"])
+                parts = mask_step(net, theta, self._cim_branch_outputs, loss_fn, inner, outer,
+                                  lr * cfg.lr_ratio, phi, meta["optimizer"], self._cim_bilevel)
+                meta["scheduler"].step()
+                meta["steps"] += 1
+        log.info("CIM mask steps: %d this epoch (%d in phase), %s", iters, meta["steps"],
+                 ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+
+    def _cim_phase_epochs(self, scheduler: Any) -> int:
+        """Epochs of the current training stage, for φ's cosine schedule."""
+        t_max = getattr(scheduler, "T_max", None)
+        if isinstance(t_max, int) and t_max > 0:
+            return t_max
+        import importlib
+
+        keys = ("init_epochs", "init_epoch") if self._cur_task == 0 else ("boosting_epochs", "epochs")
+        own = next((c for c in type(self).__mro__ if c.__module__.startswith("models.") and c.__module__ != "models.base"), type(self))
+        module = importlib.import_module(own.__module__)
+        for key in keys:
+            value = self.args.get(key, getattr(module, key, None))
+            if isinstance(value, int) and value > 0:
+                return value
+        return 1
 
     def _cim_features(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         net = unwrap(self._network)

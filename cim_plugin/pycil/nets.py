@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.cam import class_activation_maps
@@ -32,10 +33,20 @@ def backbones(net: nn.Module) -> list[nn.Module]:
 
 
 def classifier_weight(net: nn.Module) -> torch.Tensor:
-    """``[num_classes, feature_dim]`` rows of the network's classifier."""
+    """``[num_classes, feature_dim]`` rows of the network's classifier.
+
+    Cosine classifiers (LUCIR's CosineLinear, and SplitCosineLinear whose rows are ``fc1`` then
+    ``fc2``) score a class by the cosine between the features and its row, so only the row's
+    direction matters: their rows are L2-normalised. The CAM is min-max normalised afterwards, so
+    a per-class scale would change nothing anyway.
+    """
     fc = getattr(unwrap(net), "fc", None)
+    if fc is not None and hasattr(fc, "fc1") and hasattr(fc, "fc2"):  # SplitCosineLinear
+        return F.normalize(torch.cat([fc.fc1.weight, fc.fc2.weight]), p=2, dim=1)
     if fc is None or not hasattr(fc, "weight"):
         raise TypeError(f"{type(unwrap(net)).__name__} has no linear 'fc' with a weight to take CAMs from")
+    if type(fc).__name__ == "CosineLinear":
+        return F.normalize(fc.weight, p=2, dim=1)
     return fc.weight
 
 

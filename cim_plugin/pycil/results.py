@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(payload, f, indent=2)
 
 
 def plain_memory_figures(learner: Any, storage_size: int) -> dict:

@@ -1,0 +1,126 @@
+"""The bilevel mask step of CIM (../shared/docs/method.md §4), on any network, no PyCIL imports.
+
+One mask-level step on two batches (x, y) and (x', y'):
+
+  inner:  M  = soft CAM of the PAU branch on x (min-max normalised, upsampled; differentiable in φ)
+          x̂  = M·x + (1 − M)·x_η                        (x_η: x downsampled by s and back)
+          θ⁺ = θ − β₁ ∇_θ L_CIL(f(x̂; θ), y)             (backbone parameters only, create_graph)
+  outer:  L  = CE(f(x'; θ⁺), y') + div_coef·CE(branch logits on x, y) + reg_coef·mean(M²)
+          φ ← Adam step on ∇_φ L, gradient norm clipped at max_phi_grad_norm.
+
+Fast weights go through ``torch.func.functional_call`` over the whole network, so every backbone
+layer (downsample convs and BN affine parameters included) is stepped; the classifier is not.
+The branch reads θ detached: the mask is a function of φ only, as in the paper.
+
+Modes: ``"bilevel"`` (the above), ``"joint"`` (no inner step: φ trained on the outer loss with
+θ itself, i.e. only the branch CE and the regulariser reach φ), ``"none"`` (φ frozen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .cam import normalize_cams, upsample_cams
+from .codec import soft_blend
+
+BILEVEL_MODES = ("bilevel", "joint", "none")
+
+#: ``branch_fn(x) -> (raw CAM [B, h, w] for the labels, branch logits [B, K])``, differentiable in φ.
+BranchFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: ``cil_loss(outputs, x, y) -> scalar``: the learner's own loss on outputs of the network.
+CILLoss = Callable[[Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BilevelSettings:
+    factor: int
+    div_coef: float = 0.2
+    reg_coef: float = 0.1
+    max_phi_grad_norm: float = 1.0
+    mode: str = "bilevel"
+
+    def __post_init__(self):
+        if self.mode not in BILEVEL_MODES:
+            raise ValueError(f"mode must be one of {', '.join(BILEVEL_MODES)}, got {self.mode!r}")
+
+
+def soft_masks(cam_raw: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+    """``[B, 1, H, W]`` soft masks in [0, 1] from raw CAMs (degenerate maps give all-zero masks)."""
+    norm, _ = normalize_cams(cam_raw)
+    return upsample_cams(norm, image_size).clamp(0.0, 1.0).unsqueeze(1)
+
+
+def logits_of(outputs) -> torch.Tensor:
+    return outputs["logits"] if isinstance(outputs, Mapping) else outputs
+
+
+def outer_loss(
+    net: nn.Module,
+    theta_names: Sequence[str],
+    branch_fn: BranchFn,
+    cil_loss: CILLoss,
+    inner: tuple[torch.Tensor, torch.Tensor],
+    outer: tuple[torch.Tensor, torch.Tensor],
+    inner_lr: float,
+    settings: BilevelSettings,
+) -> tuple[torch.Tensor, dict]:
+    """The outer objective as a function of φ (through the branch), with its parts."""
+    x, y = inner
+    x2, y2 = outer
+    cam, branch_logits = branch_fn(x, y)
+    mask = soft_masks(cam, x.shape[-2:])
+    params = dict(net.named_parameters())
+    if settings.mode == "bilevel":
+        x_hat = soft_blend(x, mask, settings.factor)
+        loss_in = cil_loss(functional_call(net, params, (x_hat,)), x_hat, y)
+        theta = [params[n] for n in theta_names]
+        grads = torch.autograd.grad(loss_in, theta, create_graph=True, allow_unused=True)
+        fast = {n: p - inner_lr * g for n, p, g in zip(theta_names, theta, grads) if g is not None}
+        params = {**params, **fast}
+    else:
+        loss_in = torch.zeros((), device=x.device)
+    ce_outer = F.cross_entropy(logits_of(functional_call(net, params, (x2,))), y2)
+    ce_branch = F.cross_entropy(branch_logits, y)
+    reg = mask.pow(2).mean()
+    total = ce_outer + settings.div_coef * ce_branch + settings.reg_coef * reg
+    parts = {
+        "inner": float(loss_in.detach()),
+        "outer_ce": float(ce_outer.detach()),
+        "branch_ce": float(ce_branch.detach()),
+        "mask_reg": float(reg.detach()),
+        "mask_mean": float(mask.detach().mean()),
+    }
+    return total, parts
+
+
+def mask_step(
+    net: nn.Module,
+    theta_names: Sequence[str],
+    branch_fn: BranchFn,
+    cil_loss: CILLoss,
+    inner: tuple[torch.Tensor, torch.Tensor],
+    outer: tuple[torch.Tensor, torch.Tensor],
+    inner_lr: float,
+    phi: Sequence[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    settings: BilevelSettings,
+) -> dict:
+    """One φ update (nothing else changes: θ, ω and BN statistics are left as they were)."""
+    if settings.mode == "none":
+        return {}
+    phi = [p for p in phi if p.requires_grad]
+    total, parts = outer_loss(net, theta_names, branch_fn, cil_loss, inner, outer, inner_lr, settings)
+    grads = torch.autograd.grad(total, phi, allow_unused=True)
+    for p, g in zip(phi, grads):
+        p.grad = torch.zeros_like(p) if g is None else g.detach()
+    parts["phi_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(phi, settings.max_phi_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    parts["total"] = float(total.detach())
+    return parts

@@ -1,0 +1,200 @@
+"""Tests for cim_plugin.core.pau: the ReLU fit, the safe PAU forms, finiteness in fp32/fp16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cim_plugin.core.pau import (
+    PAU,
+    RELU_FIT_MAX_ERROR,
+    RELU_INIT_DENOMINATOR,
+    RELU_INIT_NUMERATOR,
+    fit_relu_coefficients,
+    pade_max_error,
+    pau_function,
+)
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is faster here; restore the setting for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+EXTREME = [1e3, -1e3, 100.0, -100.0, 0.0]
+
+
+def _reference(x: np.ndarray, a, b, version: str) -> np.ndarray:
+    """Direct (non-Horner) evaluation of the safe PAU in float64."""
+    num = sum(c * x**j for j, c in enumerate(a))
+    if version == "B":
+        den = 1.0 + np.abs(sum(c * x ** (k + 1) for k, c in enumerate(b)))
+    else:
+        den = 1.0 + sum(np.abs(c * x ** (k + 1)) for k, c in enumerate(b))
+    return num / den
+
+
+# --------------------------------------------------------------------------------------------
+# the ReLU fit
+# --------------------------------------------------------------------------------------------
+
+
+def test_fit_reproduces_stored_constants():
+    fit = fit_relu_coefficients()
+    np.testing.assert_allclose(fit.numerator, RELU_INIT_NUMERATOR, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(fit.denominator, RELU_INIT_DENOMINATOR, rtol=0, atol=1e-6)
+    assert abs(pade_max_error(fit.numerator, fit.denominator) - RELU_FIT_MAX_ERROR) < 1e-6
+
+
+def test_fit_is_deterministic_and_fast():
+    import time
+
+    t = time.perf_counter()
+    a = fit_relu_coefficients()
+    elapsed = time.perf_counter() - t
+    assert a == fit_relu_coefficients()
+    assert elapsed < 2.0
+
+
+def test_stored_max_error_is_small_and_holds_for_the_module():
+    assert RELU_FIT_MAX_ERROR <= 0.1
+    x = torch.linspace(-3.0, 3.0, 200001)
+    for version in ("A", "B"):
+        err32 = (PAU(version=version)(x) - x.relu()).abs().max().item()
+        assert err32 <= RELU_FIT_MAX_ERROR + 1e-6, version
+        xd = x.double()
+        err64 = (PAU(version=version).double()(xd) - xd.relu()).abs().max().item()
+        assert err64 <= RELU_FIT_MAX_ERROR + 1e-6, version  # coefficients rounded to float32
+    # the stored error is attained (not a loose bound)
+    assert err64 > RELU_FIT_MAX_ERROR - 1e-4
+
+
+def test_fit_has_even_nonnegative_denominator():
+    # what makes versions A and B coincide at initialisation
+    b = RELU_INIT_DENOMINATOR
+    assert b[0] == 0.0 and b[2] == 0.0 and b[1] > 0 and b[3] > 0
+
+
+@pytest.mark.parametrize("degrees", [(3, 2), (6, 5)])
+def test_other_degrees_fit_and_initialise(degrees):
+    fit = fit_relu_coefficients(*degrees)
+    assert len(fit.numerator) == degrees[0] + 1 and len(fit.denominator) == degrees[1]
+    assert fit.max_error < 0.1
+    pau = PAU(*degrees)
+    assert pau.degrees == degrees
+    expect = torch.tensor(fit.numerator, dtype=torch.float64)
+    torch.testing.assert_close(pau.numerator.detach().double(), expect)
+
+
+def test_fit_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        fit_relu_coefficients(0, 4)
+    with pytest.raises(ValueError):
+        fit_relu_coefficients(lo=1.0, hi=-1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the PAU forms
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["A", "B"])
+def test_forward_matches_direct_formula(version):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)  # mixed signs: A and B differ
+    x = torch.linspace(-4, 4, 1001, dtype=torch.float64)
+    expect = _reference(x.numpy(), a.tolist(), b.tolist(), version)
+    np.testing.assert_allclose(pau_function(x, a, b, version).numpy(), expect, rtol=1e-12, atol=1e-12)
+    pau = PAU(version=version, numerator_init=a, denominator_init=b)  # stored as float32
+    np.testing.assert_allclose(pau(x.float()).detach().double().numpy(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_versions_differ_off_init():
+    a, b = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [1.0, 0.0, -1.0, 0.0]
+    x = torch.tensor([0.5, 2.0])
+    assert not torch.allclose(PAU(numerator_init=a, denominator_init=b, version="A")(x),
+                              PAU(numerator_init=a, denominator_init=b, version="B")(x))
+
+
+def test_parameters_shapes_and_not_in_place():
+    pau = PAU()
+    assert [n for n, _ in pau.named_parameters()] == ["numerator", "denominator"]
+    assert pau.numerator.shape == (6,) and pau.denominator.shape == (4,)
+    x = torch.randn(3, 4)
+    keep = x.clone()
+    y = pau(x)
+    assert torch.equal(x, keep) and y.data_ptr() != x.data_ptr()
+
+
+def test_version_a_zero_coefficients_get_gradients():
+    pau = PAU(version="A")
+    pau(torch.tensor([0.5, -1.0, 2.0])).sum().backward()
+    assert (pau.denominator.grad != 0).all()
+
+
+def test_bad_init_and_version_rejected():
+    with pytest.raises(ValueError):
+        PAU(numerator_init=[1.0, 2.0])
+    with pytest.raises(ValueError):
+        PAU(version="C")
+
+
+# --------------------------------------------------------------------------------------------
+# finiteness
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["A", "B"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_outputs_and_gradients_at_extremes(dtype, version):
+    pau = PAU(version=version)
+    x = torch.tensor(EXTREME, dtype=dtype, requires_grad=True)
+    y = pau(x)
+    assert y.dtype == dtype
+    assert torch.isfinite(y).all()
+    (y.float() * torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0])).sum().backward()
+    for g in (x.grad, pau.numerator.grad, pau.denominator.grad):
+        assert g is not None and torch.isfinite(g).all()
+    assert x.grad.dtype == dtype and pau.numerator.grad.dtype == torch.float32
+
+
+def test_finite_in_half_module_and_slope_far_out():
+    pau = PAU().half()
+    x = torch.tensor(EXTREME, dtype=torch.float16, requires_grad=True)
+    y = pau(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(pau.numerator.grad).all() and torch.isfinite(pau.denominator.grad).all()
+    # at the ReLU fit the PAU grows like a_5/b_4 · x ≈ x/2 far outside [-3, 3] (documented)
+    assert abs(y[0].item() / 1e3 - 0.5) < 0.01
+
+
+def test_fp16_overflow_is_clamped_not_inf():
+    pau = PAU(numerator_init=[0, 0, 0, 0, 0, 1e3], denominator_init=[0, 0, 0, 0])
+    y = pau(torch.tensor([1e3, -1e3], dtype=torch.float16))
+    assert torch.isfinite(y).all() and y[0] == torch.finfo(torch.float16).max
+
+
+@pytest.mark.parametrize("version", ["A", "B"])
+def test_gradcheck_double(version):
+    x = torch.tensor([-2.5, -0.3, 0.2, 1.7, 50.0], dtype=torch.float64, requires_grad=True)
+    a = torch.tensor(RELU_INIT_NUMERATOR, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.3, 9.0, -0.2, 0.9], dtype=torch.float64, requires_grad=True)  # no kinks hit
+    fn = lambda inp, num, den: pau_function(inp, num, den, version)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a, b))
+    assert torch.autograd.gradgradcheck(fn, (x, a, b))
+
+
+def test_second_order_gradients_exist():
+    # the bilevel step differentiates through a gradient of the PAU
+    pau = PAU()
+    x = torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)
+    (gx,) = torch.autograd.grad(pau(x).pow(2).sum(), x, create_graph=True)
+    g2 = torch.autograd.grad(gx.sum(), [pau.numerator, pau.denominator])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in g2)
