@@ -248,10 +248,8 @@ class CIMLearnerMixin:
             maps.append(out["fmaps"][-1])
             feats.append(out["features"])
         fmap, feat = torch.cat(maps, dim=1), torch.cat(feats, dim=1)
-        weight = classifier_weight(net).detach()
-        logits = torch.nn.functional.linear(torch.nn.functional.normalize(feat, dim=1), weight) \
-            if getattr(net.fc, "sigma", None) is not None else net.fc(feat)["logits"]
-        return class_activation_maps(fmap, weight, y), logits
+        logits = net.fc(feat)["logits"]  # the CIL classifier on the branch's features
+        return class_activation_maps(fmap, classifier_weight(net).detach(), y), logits
 
     def _cim_meta_batches(self):
         """Endless (x, y) batches of the phase's training set (new classes + memory)."""
