@@ -101,7 +101,7 @@ def _add_demo(sub) -> None:
             "a comparison: accuracy per phase, exemplars per class, bytes against the budget, wall time."
         ),
     )
-    p.add_argument("--learners", nargs="+", default=["icarl"], choices=["icarl", "der", "foster"],
+    p.add_argument("--learners", nargs="+", default=["icarl"], choices=["icarl", "der", "foster", "lucir"],
                    help="learners to compare (default: icarl; all three take about 25 minutes on 2 CPU cores)")
     p.add_argument("--variants", nargs="+", default=["off", "cim"],
                    choices=["off", "cim", "pau", "cam", "uniform", "random"],

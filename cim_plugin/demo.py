@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import locate
 
-DEMO_LEARNERS = ("icarl", "der", "foster")
+DEMO_LEARNERS = ("icarl", "der", "foster", "lucir")
 #: "off" and "cim" are the demo files as they are; a mask source name runs the "cim" file with
 #: that ``cim_mask`` (same budget), for ablations.
 VARIANTS = ("off", "cim")
