@@ -129,6 +129,9 @@ class CIMConfig:
     max_phi_grad_norm: float = 1.0
     div_coef: float = 0.2
     reg_coef: float = 0.1
+    cim_check_images: bool = False
+    cim_seed: bool = True
+    deterministic: bool = False
     model_name: str = ""
     seed: int = 1993
 
@@ -173,6 +176,9 @@ PLUGIN_KEYS: dict[str, Callable[[Any], str | None]] = {
     "div_coef": number_in(0.0),
     "reg_coef": number_in(0.0),
     "data_root": path_text,
+    "cim_check_images": boolean,
+    "cim_seed": boolean,
+    "deterministic": boolean,
     "synthetic_num_classes": int_in(2),
     "synthetic_image_size": int_in(32, 256),
     "synthetic_train_per_class": int_in(2),

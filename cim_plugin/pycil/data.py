@@ -1,20 +1,29 @@
 """Data side of the adapter: storage images, datasets the plugin registers, and replay.
 
-- ``StorageView``: raw training items of a PyCIL DataManager (uint8 arrays, or file paths for
-  ImageNet-style folders) brought to the memory's storage resolution as uint8 ``[n, H, W, 3]``.
-  Array datasets keep their native size. Path datasets are stored at ``cim_storage_size`` (S):
-  shorter side resized to round(S·256/224), then a centre S×S crop — PyCIL's own test geometry
-  (Resize 256 + CenterCrop 224 at S = 224), so the stored view is what the model sees at test time.
+- Storage images (``to_storage``): raw training items of a PyCIL DataManager (uint8 arrays, or
+  file paths for ImageNet-style folders) brought to the memory's storage resolution as uint8
+  ``[n, H, W, 3]``. Array datasets keep their native size. Path datasets are stored at
+  ``cim_storage_size`` (S): shorter side resized to round(S·256/224), then a centre S×S crop —
+  PyCIL's own test geometry (Resize 256 + CenterCrop 224 at S = 224), so the stored view is what
+  the model sees at test time.
+- Bad files: every image mode becomes 8-bit RGB (``to_rgb``: 16-bit scaled, alpha composited on
+  black, palette/CMYK/... converted; 1×1 or 3×900 images still give S×S). A file that cannot be
+  decoded never stops a phase: ``to_storage`` reports it in its ``ok`` mask (warned once per
+  file), ``RobustPathDataset`` substitutes another image of the class, and ``cim_check_images``
+  leaves such files out of ImageNet-style folders before training.
 - ``PluginDataManager``: wraps PyCIL's DataManager for one phase. When a learner asks for its
   training set with ``appendent=<the plugin memory>``, it returns PyCIL's own dataset for the new
   classes (optionally with the artefact augmentation) concatenated with the memory as a dataset,
-  both through PyCIL's own transforms. Everything else is forwarded unchanged.
+  both through PyCIL's own transforms. Path datasets are read through ``RobustPathDataset``.
+  Everything else is forwarded unchanged.
 - ``get_idata``: the synthetic set and ImageNet-style folders, registered by name.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,28 +52,142 @@ def storage_shape(data_manager: Any, storage_size: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in shape[1:])
 
 
-def load_path_image(path: str, size: int) -> np.ndarray:
-    """A file as uint8 ``[size, size, 3]``: shorter side to round(size·256/224), centre crop."""
+#: Colour that transparent pixels (RGBA, LA, PA, palette with transparency) are composited on.
+#: Black: PyCIL's own loader (``convert("RGB")``) drops alpha, and fully transparent pixels are
+#: usually stored as (0, 0, 0, 0), so black keeps the plugin's images closest to plain PyCIL's.
+ALPHA_BACKGROUND = (0, 0, 0)
+
+#: What decoding a broken file can raise: PIL's plugins raise OSError (UnidentifiedImageError,
+#: "image file is truncated"), SyntaxError, ValueError, EOFError, struct.error, and
+#: DecompressionBombError (an Exception). Any Exception marks the file unreadable.
+_UNREADABLE = Exception
+
+#: Paths already reported as unreadable in this process (each is warned about once).
+_WARNED: set[str] = set()
+
+
+def _gray_to_uint8(img: Image.Image) -> Image.Image:
+    """Single-channel images with more than 8 bits as mode "L", scaled (never clipped).
+
+    "I;16*" (16-bit): v / 257, so 65535 -> 255. "I" (32-bit int; Pillow's mode for 16-bit PGM
+    and older 16-bit PNG reads): read as 16-bit when every value is in [0, 65535], else stretched
+    min-max. "F" (float): values in [0, 1] times 255, else stretched min-max.
+    """
+    a = np.asarray(img).astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit "RGB": high-bit-depth gray scaled to 8 bit, alpha composited on
+    ``ALPHA_BACKGROUND``, palette / CMYK / YCbCr / LAB / HSV / 1-bit through Pillow's own conversion."""
+    if img.mode.startswith("I") or img.mode == "F":
+        return _gray_to_uint8(img).convert("RGB")
+    has_alpha = img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+    if not has_alpha:
+        return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "La":  # premultiplied: Pillow converts it to LA only
+        img = img.convert("LA")
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def open_rgb(path: str) -> Image.Image:
+    """A file fully decoded as 8-bit RGB (see ``to_rgb``); raises if it cannot be read."""
     with open(path, "rb") as f:
         img = Image.open(f)
-        img = img.convert("RGB")
+        img.load()
+        return to_rgb(img)
+
+
+def storage_crop(img: Image.Image, size: int) -> np.ndarray:
+    """An RGB image as uint8 ``[size, size, 3]`` in PyCIL's test geometry: shorter side to
+    round(size·256/224), centre size×size crop.
+
+    The crop is taken in source coordinates and resized in one step (``resize(box=...)``), so a
+    1×1 or 1×5000 image costs a size×size resize, not a huge intermediate: same geometry as
+    resize-then-crop up to sub-pixel rounding.
+    """
+    w, h = img.size
     short = round(size * 256 / 224)
-    w, h = img.size
-    scale = short / min(w, h)
-    img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    side = size * min(w, h) / short  # the crop's side in source pixels
+    left, top = (w - side) / 2, (h - side) / 2
+    out = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+    return np.asarray(out, dtype=np.uint8)
 
 
-def to_storage(items: Sequence, use_path: bool, size: int) -> np.ndarray:
-    """Raw items (arrays or paths) as uint8 ``[n, H, W, 3]`` at the storage resolution."""
+def load_path_image(path: str, size: int) -> np.ndarray:
+    """A file as uint8 ``[size, size, 3]`` (``open_rgb`` then ``storage_crop``); raises if unreadable."""
+    return storage_crop(open_rgb(path), size)
+
+
+def warn_unreadable(path: str, err: BaseException) -> None:
+    """One warning per unreadable file per process, naming the file and the error."""
+    key = str(path)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    log.warning("cim-plugin: cannot read image %s (%s: %s): skipped", key, type(err).__name__, err)
+
+
+def to_storage(items: Sequence, use_path: bool, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw items (arrays or paths) as uint8 ``[n, H, W, 3]`` at the storage resolution, and a bool
+    ``[n]`` mask of the items that could be read (rows of unreadable files are zeros).
+
+    Never raises for a bad file: each unreadable file is warned about once (see
+    ``warn_unreadable``), and a call with several bad files also logs their count.
+    """
     if not use_path:
-        return np.ascontiguousarray(np.asarray(items), dtype=np.uint8)
+        images = np.ascontiguousarray(np.asarray(items), dtype=np.uint8)
+        return images, np.ones(len(images), dtype=bool)
     out = np.zeros((len(items), size, size, 3), dtype=np.uint8)
+    ok = np.ones(len(items), dtype=bool)
     for i, path in enumerate(items):
-        out[i] = load_path_image(path, size)
-    return out
+        try:
+            out[i] = load_path_image(path, size)
+        except _UNREADABLE as err:
+            ok[i] = False
+            warn_unreadable(path, err)
+    bad = int((~ok).sum())
+    if bad and len(items) > 1:
+        log.warning("cim-plugin: %d of %d images could not be read and were skipped", bad, len(items))
+    return out, ok
+
+
+def check_image(path: str) -> str | None:
+    """Why a file cannot be read as an RGB image (None when it can).
+
+    ``verify()`` checks the structure (PNG CRCs, ...), then the file is decoded for real, at a
+    reduced scale for JPEG (``draft``), which still reads every byte: truncated files fail.
+    """
+    try:
+        with open(path, "rb") as f:
+            Image.open(f).verify()
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.draft("RGB", (64, 64))
+            img.load()
+            to_rgb(img)
+    except _UNREADABLE as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def scan_images(paths: Sequence[str], workers: int | None = None) -> dict[str, str]:
+    """{path: reason} for every unreadable file among ``paths`` (decoding runs in threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        reasons = list(pool.map(check_image, paths, chunksize=64))
+    return {p: r for p, r in zip(paths, reasons) if r is not None}
 
 
 class Normalizer:
@@ -129,11 +252,63 @@ class ArtefactAugmentedDataset(Dataset):
         st = self.state
         if st.boxes is None or st.share <= 0 or float(torch.rand(())) >= st.share:
             return self.base[idx]
-        raw = to_storage([self.images[idx]], self.use_path, self.storage_size)
+        raw, ok = to_storage([self.images[idx]], self.use_path, self.storage_size)
+        if not ok[0]:  # unreadable file: PyCIL's own item (a readable stand-in, see RobustPathDataset)
+            return self.base[idx]
         x = torch.from_numpy(raw).permute(0, 3, 1, 2)
         box = torch.as_tensor(st.boxes[idx : idx + 1], dtype=torch.int64)
         img = blend_compress(x, box, st.factor)[0].permute(1, 2, 0).numpy()
         return idx, self.trsf(Image.fromarray(img)), self.labels[idx]
+
+
+class RobustPathDataset(Dataset):
+    """PyCIL's DummyDataset over file paths, read with the plugin's loader and never crashing.
+
+    Each file is decoded with ``open_rgb`` (the same conversion as the stored exemplars: 16-bit
+    scaled, alpha composited on ``ALPHA_BACKGROUND``), then PyCIL's transform. An unreadable file
+    is warned about once and replaced by the next readable item of the same class (the index and
+    label returned stay the item's own); a class with no readable item at all gives a mid-grey
+    image. Bad indices and warnings are remembered per process: DataLoader workers are processes,
+    so with ``num_workers`` > 0 a bad file can be reported again by each new worker
+    (``cim_check_images`` leaves such files out before training instead).
+    """
+
+    #: Side of the grey stand-in when a whole class is unreadable (PyCIL's transforms resize it).
+    GREY_SIDE = 256
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.images, self.labels = base.images, base.labels
+        self.trsf, self.use_path = base.trsf, base.use_path
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _read(self, idx: int) -> Image.Image | None:
+        if idx in self._bad:
+            return None
+        try:
+            return open_rgb(self.images[idx])
+        except _UNREADABLE as err:
+            self._bad.add(idx)
+            warn_unreadable(self.images[idx], err)
+            return None
+
+    def __getitem__(self, idx: int):
+        img = self._read(idx)
+        if img is None:
+            labels = np.asarray(self.labels)
+            same = np.flatnonzero(labels == labels[idx])
+            start = int(np.searchsorted(same, idx))
+            for j in np.roll(same, -start):
+                img = None if j == idx else self._read(int(j))
+                if img is not None:
+                    break
+            if img is None:
+                log.warning("cim-plugin: no readable image of class %s: a grey stand-in is used", labels[idx])
+                img = Image.new("RGB", (self.GREY_SIDE, self.GREY_SIDE), (128, 128, 128))
+        return idx, self.trsf(img), self.labels[idx]
 
 
 class PluginDataManager:
@@ -152,6 +327,8 @@ class PluginDataManager:
             appendent = None
         result = self._dm.get_dataset(indices, source, mode, appendent=appendent, ret_data=ret_data, m_rate=m_rate)
         dataset = result[-1] if ret_data else result
+        if getattr(dataset, "use_path", False):
+            dataset = RobustPathDataset(dataset)
         if source == "train" and mode == "train":
             dataset = self._learner._cim_wrap_train_dataset(dataset)
         if memory is not None and len(memory):
@@ -230,8 +407,29 @@ def folder_problems(root: str) -> list[str]:
     return problems
 
 
-def imagenet_idata(name: str, root: str) -> Any:
-    """PyCIL's own iImageNet100/1000 (same transforms), reading ``root``/train and ``root``/val."""
+def drop_unreadable(imgs: Sequence[tuple[str, int]], split: str) -> list[tuple[str, int]]:
+    """ImageFolder's ``(path, target)`` list without the files ``scan_images`` finds unreadable
+    (each one named in a warning)."""
+    t0 = time.time()
+    bad = scan_images([p for p, _ in imgs])
+    for path, reason in bad.items():
+        log.warning("cim-plugin: cim_check_images: cannot read %s (%s): left out of '%s'", path, reason, split)
+        _WARNED.add(str(path))
+    log.info("cim-plugin: cim_check_images: '%s': %d files scanned in %.1f s, %d unreadable left out",
+             split, len(imgs), time.time() - t0, len(bad))
+    kept = [(p, t) for p, t in imgs if p not in bad]
+    emptied = sorted({t for _, t in imgs} - {t for _, t in kept})
+    if emptied:
+        log.warning("cim-plugin: cim_check_images: class(es) %s of '%s' have no readable file left", emptied, split)
+    return kept
+
+
+def imagenet_idata(name: str, root: str, check_images: bool = False) -> Any:
+    """PyCIL's own iImageNet100/1000 (same transforms), reading ``root``/train and ``root``/val.
+
+    ``check_images`` (key ``cim_check_images``): decode every file once when the data is loaded,
+    before training, and leave the unreadable ones out of both splits (each is named in a warning).
+    """
     from torchvision import datasets
     from utils.data import iImageNet100, iImageNet1000  # PyCIL
     from utils.toolkit import split_images_labels  # PyCIL
@@ -243,8 +441,11 @@ def imagenet_idata(name: str, root: str) -> Any:
         def download_data(self):
             train = datasets.ImageFolder(str(folder / "train"))
             test = datasets.ImageFolder(str(folder / "val"))
-            self.train_data, self.train_targets = split_images_labels(train.imgs)
-            self.test_data, self.test_targets = split_images_labels(test.imgs)
+            train_imgs, test_imgs = train.imgs, test.imgs
+            if check_images:
+                train_imgs, test_imgs = drop_unreadable(train_imgs, "train"), drop_unreadable(test_imgs, "val")
+            self.train_data, self.train_targets = split_images_labels(train_imgs)
+            self.test_data, self.test_targets = split_images_labels(test_imgs)
             self.class_order = list(range(len(train.classes)))
 
     return iImageFolder()

@@ -8,6 +8,10 @@ With ``"cim": false`` (or absent) the learner is PyCIL's own, composed only with
 recorder (which changes no training); with ``"cim": true`` the CIM mixin is composed in front of
 it. The run's args are kept here between before_run and get_idata because PyCIL's DataManager
 receives only the dataset name.
+
+before_run also seeds python ``random``, numpy and torch with the run's ``seed`` (PyCIL seeds
+torch with a constant 1; key ``cim_seed``, default true) and, with ``"deterministic": true``,
+switches torch to deterministic algorithms (see ``cim_plugin/seeding.py``). Plugin on or off.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 from typing import Any
 
 from ..config import CIMConfig, ConfigError
+from ..seeding import seed_everything, set_deterministic
 from .data import FOLDER_DATASETS, folder_problems, imagenet_idata, synthetic_idata, synthetic_spec
 from .checks import folder_class_count, pycil_problems
 from .hparams import apply_module_hparams
@@ -70,12 +75,28 @@ def before_run(args: dict) -> None:
     _RUN.clear()
     _RUN["args"] = args
     _RUN["config"] = cfg
+    seed_run(args, cfg)
+    if cfg.cim_check_images and str(args.get("dataset", "")).lower() not in FOLDER_DATASETS:
+        log.info("cim-plugin: cim_check_images: %s is not read from files, nothing to scan", args.get("dataset"))
     if cfg.cim:
         log.info(
             "cim-plugin: on (%s masks, compress_ratio %s, mask_threshold %s)", cfg.cim_mask, cfg.compress_ratio, cfg.mask_threshold
         )
     else:
         log.info("cim-plugin: installed, \"cim\" off: plain PyCIL exemplars (results file only)")
+
+
+def seed_run(args: dict, cfg: CIMConfig) -> None:
+    """Seed the run with its own ``seed`` (an int here: PyCIL's trainer loops over the JSON's list)."""
+    seed = args.get("seed")
+    if cfg.cim_seed and isinstance(seed, int) and not isinstance(seed, bool):
+        seed_everything(seed, deterministic=cfg.deterministic)
+        return
+    if cfg.deterministic:
+        set_deterministic()
+        log.info("cim-plugin: deterministic algorithms on")
+    if not cfg.cim_seed:
+        log.info("cim-plugin: \"cim_seed\": false: torch keeps PyCIL's constant seed 1")
 
 
 def get_idata(dataset_name: str) -> Any:
@@ -85,7 +106,8 @@ def get_idata(dataset_name: str) -> Any:
     if name == SYNTHETIC_NAME:
         return synthetic_idata(args)
     if name in FOLDER_DATASETS and "data_root" in args:
-        return imagenet_idata(name, args["data_root"])
+        cfg = _RUN.get("config")
+        return imagenet_idata(name, args["data_root"], check_images=bool(cfg and cfg.cim_check_images))
     return None
 
 

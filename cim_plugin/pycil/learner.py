@@ -35,7 +35,7 @@ from ..core.masks import make_mask_source
 from ..core.memory import CompressedExemplarMemory
 from .data import ArtefactAugmentedDataset, AugmentState, Normalizer, PluginDataManager, storage_shape, to_storage
 from .losses import cil_loss_for
-from .nets import backbones, cam_and_features, classifier_weight, eval_mode, unwrap
+from .nets import backbones, cam_and_features, classifier_weight, eval_mode, extract_vector, feature_dim, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,11 @@ class CIMLearnerMixin:
         boxes = np.zeros((len(labels), 4), dtype=np.int64)
         for start in range(0, len(labels), cfg.cam_batch_size):
             sl = slice(start, start + cfg.cam_batch_size)
-            raw = to_storage(ds.images[sl], ds.use_path, cfg.cim_storage_size)
-            boxes[sl] = self._cim_boxes(raw, labels[sl])[0].numpy()
+            raw, ok = to_storage(ds.images[sl], ds.use_path, cfg.cim_storage_size)
+            chunk = np.tile(np.array([0, raw.shape[1], 0, raw.shape[2]], dtype=np.int64), (len(raw), 1))
+            if ok.any():  # unreadable items keep the full-image box (they are never compressed)
+                chunk[ok] = self._cim_boxes(raw[ok], labels[sl][ok])[0].numpy()
+            boxes[sl] = chunk
         aug = self._cim_aug
         aug.boxes = boxes
         aug.refreshes += 1
@@ -310,7 +313,7 @@ class CIMLearnerMixin:
     def _cim_features(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         net = unwrap(self._network)
         with eval_mode(net), torch.no_grad():
-            return net.extract_vector(self._cim_norm(raw, self._device)).cpu()
+            return extract_vector(net, self._cim_norm(raw, self._device)).cpu()
 
     def _cim_boxes(self, raw: np.ndarray, labels: np.ndarray):
         """Boxes ``[B, 4]`` at storage resolution from the configured mask source."""
@@ -325,7 +328,14 @@ class CIMLearnerMixin:
         """Herd compressed exemplars of one new class into the memory; returns CAM fallbacks."""
         cfg, mem = self._cim, self._cim_memory
         items, _ = dm.class_items(label)
-        raw = to_storage(items, dm.use_path, cfg.cim_storage_size)
+        raw, ok = to_storage(items, dm.use_path, cfg.cim_storage_size)
+        if not ok.all():
+            log.warning("CIM memory: class %d: %d of %d images unreadable, left out of the candidates",
+                        label, int((~ok).sum()), len(ok))
+            raw = raw[ok]
+        if not len(raw):
+            log.warning("CIM memory: class %d has no readable image: no exemplars stored", label)
+            return 0
         labels = np.full(len(raw), label, dtype=np.int64)
         boxes, clean, stored, fallbacks = [], [], [], 0
         for start in range(0, len(raw), cfg.cam_batch_size):
@@ -347,7 +357,7 @@ class CIMLearnerMixin:
     def _cim_class_means(self) -> np.ndarray:
         """NME class means from the compressed exemplars (as replayed), L2-normalised."""
         mem = self._cim_memory
-        means = np.zeros((self._total_classes, self.feature_dim))
+        means = np.zeros((self._total_classes, feature_dim(self._network)))
         for label in mem.labels:
             imgs = mem.images(label)
             feats = torch.cat(

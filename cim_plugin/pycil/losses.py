@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .nets import unwrap
+
 
 def kd_loss(pred: torch.Tensor, soft: torch.Tensor, T: float) -> torch.Tensor:
     """PyCIL's _KD_loss: cross-entropy between temperature-softened distributions."""
@@ -32,7 +34,7 @@ def icarl_loss(learner, outputs, x, y):
     loss = F.cross_entropy(logits, y)
     if learner._cur_task > 0 and learner._old_network is not None:
         with torch.no_grad():
-            old = learner._old_network(x)["logits"]
+            old = unwrap(learner._old_network)(x)["logits"]
         loss = loss + kd_loss(logits[:, : learner._known_classes], old, _module_T(learner, "models.icarl"))
     return loss
 

@@ -2,7 +2,9 @@
 
 IncrementalNet has one backbone (``convnet``); DERNet and FOSTERNet have several (``convnets``)
 whose last maps are concatenated along channels — exactly the layout their ``fc`` rows read, so
-CAM = fc row of the true class · concatenated map. DataParallel wrappers are unwrapped.
+CAM = fc row of the true class · concatenated map. PyCIL wraps its network in ``nn.DataParallel``
+for several GPUs (while training and building the memory): every helper here unwraps it, and the
+learner mixin reaches ``fc``, ``convnet(s)``, ``feature_dim`` and ``extract_vector`` only through them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,17 @@ def backbones(net: nn.Module) -> list[nn.Module]:
     if hasattr(net, "convnet"):
         return [net.convnet]
     raise TypeError(f"{type(net).__name__} has neither 'convnet' nor 'convnets': cannot take its feature maps")
+
+
+def feature_dim(net: nn.Module) -> int:
+    """Width of the pooled features (all backbones together), through any DataParallel wrapper."""
+    return int(unwrap(net).feature_dim)
+
+
+def extract_vector(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features ``[B, feature_dim]``, called on the wrapped module (DataParallel has no
+    ``extract_vector``; the plugin's passes run on one device)."""
+    return unwrap(net).extract_vector(x)
 
 
 def classifier_weight(net: nn.Module) -> torch.Tensor:
