@@ -129,6 +129,10 @@ class CIMConfig:
     max_phi_grad_norm: float = 1.0
     div_coef: float = 0.2
     reg_coef: float = 0.1
+    #: Write a checkpoint at the end of every phase (default: the value of ``cim_resume``).
+    cim_checkpoint: bool = False
+    #: Continue from the checkpoints of an earlier run with the same log name (see pycil/checkpoint.py).
+    cim_resume: bool = False
     model_name: str = ""
     seed: int = 1993
 
@@ -149,6 +153,7 @@ class CIMConfig:
         values["seed"] = seed if _is_int(seed) else cls.seed
         if "compress_ratio" in values:
             values["compress_ratio"] = float(values["compress_ratio"])
+        values.setdefault("cim_checkpoint", values.get("cim_resume", False))
         return cls(**values)
 
 
@@ -172,6 +177,8 @@ PLUGIN_KEYS: dict[str, Callable[[Any], str | None]] = {
     "max_phi_grad_norm": number_in(0.0),
     "div_coef": number_in(0.0),
     "reg_coef": number_in(0.0),
+    "cim_checkpoint": boolean,
+    "cim_resume": boolean,
     "data_root": path_text,
     "synthetic_num_classes": int_in(2),
     "synthetic_image_size": int_in(32, 256),
@@ -227,6 +234,10 @@ def validate_args(args: Mapping[str, Any]) -> list[str]:
             close = difflib.get_close_matches(key, list(PLUGIN_KEYS), n=1, cutoff=0.85)
             if close and key not in PYCIL_KEYS:
                 problems.append(f"key '{key}' is unknown (did you mean '{close[0]}'?)")
+    if args.get("cim_resume") is True and args.get("cim_checkpoint") is False:
+        problems.append(
+            "key 'cim_resume' = True needs the per-phase checkpoints: leave 'cim_checkpoint' out or set it to true"
+        )
     if args.get("cim") is True:
         name = str(args.get("model_name", "")).lower()
         if name not in SUPPORTED_LEARNERS:
