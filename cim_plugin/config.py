@@ -132,6 +132,10 @@ class CIMConfig:
     cim_check_images: bool = False
     cim_seed: bool = True
     deterministic: bool = False
+    #: Write a checkpoint at the end of every phase (default: the value of ``cim_resume``).
+    cim_checkpoint: bool = False
+    #: Continue from the checkpoints of an earlier run with the same log name (see pycil/checkpoint.py).
+    cim_resume: bool = False
     model_name: str = ""
     seed: int = 1993
 
@@ -152,6 +156,7 @@ class CIMConfig:
         values["seed"] = seed if _is_int(seed) else cls.seed
         if "compress_ratio" in values:
             values["compress_ratio"] = float(values["compress_ratio"])
+        values.setdefault("cim_checkpoint", values.get("cim_resume", False))
         return cls(**values)
 
 
@@ -175,6 +180,8 @@ PLUGIN_KEYS: dict[str, Callable[[Any], str | None]] = {
     "max_phi_grad_norm": number_in(0.0),
     "div_coef": number_in(0.0),
     "reg_coef": number_in(0.0),
+    "cim_checkpoint": boolean,
+    "cim_resume": boolean,
     "data_root": path_text,
     "cim_check_images": boolean,
     "cim_seed": boolean,
@@ -233,6 +240,10 @@ def validate_args(args: Mapping[str, Any]) -> list[str]:
             close = difflib.get_close_matches(key, list(PLUGIN_KEYS), n=1, cutoff=0.85)
             if close and key not in PYCIL_KEYS:
                 problems.append(f"key '{key}' is unknown (did you mean '{close[0]}'?)")
+    if args.get("cim_resume") is True and args.get("cim_checkpoint") is False:
+        problems.append(
+            "key 'cim_resume' = True needs the per-phase checkpoints: leave 'cim_checkpoint' out or set it to true"
+        )
     if args.get("cim") is True:
         name = str(args.get("model_name", "")).lower()
         if name not in SUPPORTED_LEARNERS:

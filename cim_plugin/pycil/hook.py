@@ -5,9 +5,10 @@ trainer._train:  before_run(args) -> DataManager(...) [-> get_idata(name)] -> fa
                  -> task loop -> after_run(model, args)
 
 With ``"cim": false`` (or absent) the learner is PyCIL's own, composed only with the results
-recorder (which changes no training); with ``"cim": true`` the CIM mixin is composed in front of
-it. The run's args are kept here between before_run and get_idata because PyCIL's DataManager
-receives only the dataset name.
+recorder and the per-phase checkpointer (neither changes training; the checkpointer does nothing
+unless ``cim_checkpoint``/``cim_resume`` is set); with ``"cim": true`` the CIM mixin is composed
+in front of it as well. The run's args are kept here between before_run and get_idata because
+PyCIL's DataManager receives only the dataset name.
 
 before_run also seeds python ``random``, numpy and torch with the run's ``seed`` (PyCIL seeds
 torch with a constant 1; key ``cim_seed``, default true) and, with ``"deterministic": true``,
@@ -22,6 +23,7 @@ from typing import Any
 from ..config import CIMConfig, ConfigError
 from ..seeding import seed_everything, set_deterministic
 from .data import FOLDER_DATASETS, folder_problems, imagenet_idata, synthetic_idata, synthetic_spec
+from .checkpoint import CheckpointMixin
 from .checks import folder_class_count, pycil_problems
 from .hparams import apply_module_hparams
 from .learner import CIMLearnerMixin
@@ -124,10 +126,11 @@ def wrap_learner(model: Any, args: dict) -> Any:
     """Compose the plugin's mixins in front of the learner's own class."""
     cfg = _RUN.get("config") or check_args(args)
     apply_module_hparams(args)
-    mixins = (ResultsMixin, CIMLearnerMixin) if cfg.cim else (ResultsMixin,)
+    mixins = (ResultsMixin, CheckpointMixin, CIMLearnerMixin) if cfg.cim else (ResultsMixin, CheckpointMixin)
     base = type(model)
     model.__class__ = type(f"{base.__name__}With{''.join(m.__name__.replace('Mixin', '') for m in mixins)}", (*mixins, base), {})
     model._results_setup(args, cfg.cim_storage_size)
+    model._ckpt_setup(args, cfg.cim_checkpoint, cfg.cim_resume)
     if cfg.cim:
         model._cim_setup(cfg)
     return model

@@ -22,9 +22,13 @@ from ..atomic import atomic_open
 log = logging.getLogger(__name__)
 
 
+def run_base(args: dict) -> str:
+    """PyCIL's log name of the run without ``.log`` (set by the patched trainer), or a fallback."""
+    return args.get("logfilename") or os.path.join("logs", f"{args.get('model_name', 'run')}_{args.get('seed', 0)}")
+
+
 def results_path(args: dict) -> Path:
-    base = args.get("logfilename") or os.path.join("logs", f"{args.get('model_name', 'run')}_{args.get('seed', 0)}")
-    return Path(f"{base}_results.json")
+    return Path(f"{run_base(args)}_results.json")
 
 
 def _jsonable(value: Any) -> Any:
