@@ -121,3 +121,20 @@ def test_wrong_images_are_refused_with_shape_in_message():
         mem.add_class(0, _images(2).astype(np.float32))
     with pytest.raises(ValueError, match=r"\[2, 4\]"):
         mem.add_class(0, _images(2), np.zeros((3, 4), dtype=np.int64))
+
+
+def test_an_interrupted_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    mem = CompressedExemplarMemory((H, W, 3), 4.0)
+    mem.add_class(1, _images(4), _boxes(4))
+    path = mem.save(tmp_path / "mem.npz")
+    before = path.read_bytes()
+    mem.add_class(2, _images(3, 9), _boxes(3, 9))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        mem.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["mem.npz"]  # no temporary file left behind
