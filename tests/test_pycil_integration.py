@@ -153,7 +153,8 @@ def test_imagenet_style_folder_with_the_shipped_foster_cim_config(pycil, tmp_pat
     shipped = json.loads((locate.plugin_dir("exps") / "foster_cim.json").read_text())
     config = {**shipped, "data_root": str(root), "device": ["-1"], "seed": [1993], "init_cls": 5, "increment": 1,
               "memory_size": 12, "init_epochs": 1, "boosting_epochs": 1, "compression_epochs": 1, "batch_size": 8,
-              "num_workers": 0, "cim_storage_size": 64, "init_lr": 0.01, "lr": 0.01, "prefix": "folder"}
+              "num_workers": 0, "cim_storage_size": 64, "init_lr": 0.01, "lr": 0.01, "prefix": "folder",
+              "meta_batch_size": 4, "num_meta_iters_per_cls": 0.2}
     proc = run_main(pycil, config, tmp_path, "folder")
     res = results_of(proc, pycil)
     assert res["cim_mask"] == "pau" and len(res["phases"]) == 2
