@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cim_plugin import PYCIL_COMMIT, locate, patching
+from cim_plugin import locate
 from cim_plugin.demo import RESULTS_MARK
 
 PYCIL_ROOT, REASON = locate.find_pycil_root()
@@ -24,6 +24,8 @@ if PYCIL_ROOT is None:
     pytest.skip(REASON, allow_module_level=True)
 
 pytestmark = pytest.mark.pycil
+
+from test_pycil_integration import pycil  # noqa: E402,F401  (the patched clone, shared fixture)
 
 #: 8 classes at 32 px (cosine_resnet32 needs 32 px), 5 then 3 classes, a few epochs.
 TINY = {
@@ -37,19 +39,6 @@ TINY = {
 }
 CIM = {"cim": True, "cim_mask": "cam", "cam_update_interval": 3, "randombbxblur_prob_incre": 0.5}
 PYCIL_PACKAGES = ("models", "utils", "convs")
-
-
-@pytest.fixture(scope="module")
-def pycil(tmp_path_factory):
-    """A patched clone of the user's PyCIL checkout (recording nothing in the user's config)."""
-    base = tmp_path_factory.mktemp("pycil")
-    clone = base / "PyCIL"
-    subprocess.run(["git", "clone", "-q", str(PYCIL_ROOT), str(clone)], check=True)
-    subprocess.run(["git", "-C", str(clone), "-c", "advice.detachedHead=false", "checkout", "-q", PYCIL_COMMIT], check=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CONFIG_HOME", str(base / "xdg"))
-        patching.patch_pycil(clone)
-    return clone
 
 
 @pytest.fixture(scope="module")
