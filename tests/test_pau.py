@@ -18,13 +18,7 @@ from cim_plugin.core.pau import (
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster here; restore the setting for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXTREME = [1e3, -1e3, 100.0, -100.0, 0.0]
 

@@ -35,7 +35,9 @@ from ..core.masks import make_mask_source
 from ..core.memory import CompressedExemplarMemory
 from .data import ArtefactAugmentedDataset, AugmentState, Normalizer, PluginDataManager, storage_shape, to_storage
 from .losses import cil_loss_for
-from .nets import backbones, cam_and_features, classifier_weight, eval_mode, extract_vector, feature_dim, unwrap
+from .nets import (
+    backbones, cam_and_features, classifier_weight, eval_mode, extract_vector, feature_dim, maps_and_features, unwrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +219,11 @@ class CIMLearnerMixin:
         x = self._cim_norm(raw, self._device)
         y = torch.as_tensor(labels, dtype=torch.int64, device=self._device)
         with eval_mode(net), torch.no_grad():
-            cam, feats = cam_and_features(net, x, y)
-            if self._cim_mask.needs_branch:
+            if self._cim_mask.needs_branch:  # the CAM comes from the branch: the CIL pass gives features only
+                feats = maps_and_features(net, x)[1]
                 cam, _ = self._cim_branch_outputs(x, y)
+            else:
+                cam, feats = cam_and_features(net, x, y)
         return cam.cpu(), feats.cpu()
 
     # -- the CIM branch (PAU activations, conv/BN shared) and its bilevel steps ------------------
