@@ -4,6 +4,8 @@ Subcommands:
   patch PYCIL_DIR   patch a PyCIL checkout and link the plugin's exps (logic: cim_plugin.patching)
   where             say which PyCIL checkout the plugin finds and whether it is patched
   demo              plugin off vs on on the synthetic set (logic: cim_plugin.demo)
+  ablate CONFIG...  variants × seeds (× learners) at the same budget, resumable (cim_plugin.ablation)
+  report OUT        tables and figures of an ablation folder again (cim_plugin.ablation)
 
 Adding a subcommand (e.g. ``demo``):
   1. put its logic in its own module (``cim_plugin/demo.py``), raising ``UserError`` (or an error
@@ -125,10 +127,76 @@ def _run_demo(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ ablate
+
+
+def _add_ablate(sub) -> None:
+    from cim_plugin.ablation import VARIANTS
+
+    p = sub.add_parser(
+        "ablate",
+        help="run plugin variants x seeds (x learners) at the same memory budget; resumable",
+        description=(
+            "For each PyCIL JSON (one per learner), run PyCIL's main.py for every variant and seed: "
+            "off = plain exemplars, uniform / random / cam / pau = CIM with that mask source (pau with "
+            "the config's cim_bilevel). Only cim, cim_mask, seed and prefix change between runs, so all "
+            "runs of a learner share the memory budget. Finished runs in OUT are skipped; crashed or "
+            "killed ones run again. Writes OUT/aggregate.md, aggregate.csv, runs.csv and figures/*.png."
+        ),
+    )
+    p.add_argument("configs", nargs="+", metavar="CONFIG",
+                   help="PyCIL JSON files, one per learner (a relative path is also looked up in the PyCIL checkout)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="default: all of " + " ".join(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995], help="default: 1993 1994 1995")
+    p.add_argument("--out", default="cim_ablation", help="output folder (default: ./cim_ablation)")
+    p.add_argument("--force", action="store_true", help="run again finished runs whose config changed")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--verbose", action="store_true", help="echo PyCIL's output while it runs")
+    p.set_defaults(func=_run_ablate)
+
+
+def _run_ablate(args) -> int:
+    from cim_plugin import ablation
+
+    echo = (lambda line: print(line, end="", flush=True)) if args.verbose else None
+    try:
+        outcome, _ = ablation.run_ablation(args.configs, args.variants, args.seeds, args.out, force=args.force,
+                                           echo=echo, figures=not args.no_figures)
+    except ablation.AblationError as err:
+        raise UserError(str(err)) from None
+    return 1 if outcome["failed"] else 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="write the tables and figures of an ablation folder again",
+        description="Read OUT/runs/*/results.json of finished runs and write aggregate.md, aggregate.csv, "
+                    "runs.csv and figures/*.png (mean ± std over seeds, one row per learner × variant).",
+    )
+    p.add_argument("out", metavar="OUT", help="the ablation's output folder")
+    p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from cim_plugin import ablation
+
+    try:
+        written = ablation.report(args.out, figures=not args.no_figures)
+    except ablation.AblationError as err:
+        raise UserError(str(err)) from None
+    print(written["aggregate.md"].read_text())
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------- main
 
 #: Each entry adds one subcommand to the parser (see the module docstring).
-SUBCOMMANDS = [_add_patch, _add_where, _add_demo]
+SUBCOMMANDS = [_add_patch, _add_where, _add_demo, _add_ablate, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

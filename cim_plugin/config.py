@@ -120,6 +120,9 @@ class CIMConfig:
     randombbxblur_prob_incre: float = 0.1
     cam_batch_size: int = 16
     cim_storage_size: int = 224
+    #: Classes whose top-ranked exemplar is kept (original, CAM, box, reconstruction) in
+    #: ``<log>_gallery.npz`` for the gallery figure; 0 = none.
+    cim_gallery: int = 16
     cim_bilevel: str = "bilevel"
     cim_train_old_paus: bool = False
     meta_batch_size: int = 16
@@ -171,6 +174,7 @@ PLUGIN_KEYS: dict[str, Callable[[Any], str | None]] = {
     "randombbxblur_prob_incre": number_in(0.0, 1.0),
     "cam_batch_size": int_in(1),
     "cim_storage_size": int_in(8, 4096),
+    "cim_gallery": int_in(0, 1000),
     "cim_bilevel": one_of(*BILEVEL_MODES),
     "cim_train_old_paus": boolean,
     "meta_batch_size": int_in(2),

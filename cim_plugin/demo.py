@@ -9,25 +9,21 @@ wall time. Each run's full output goes to ``<out>/<learner>_<variant>.log``.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import locate
+from .launch import RESULTS_MARK, RunError, run_pycil  # noqa: F401 (RESULTS_MARK: re-exported)
 
 DEMO_LEARNERS = ("icarl", "der", "foster", "lucir")
 #: "off" and "cim" are the demo files as they are; a mask source name runs the "cim" file with
 #: that ``cim_mask`` (same budget), for ablations.
 VARIANTS = ("off", "cim")
 MASK_VARIANTS = ("pau", "cam", "uniform", "random")
-RESULTS_MARK = "Results written to "
 
 
-class DemoError(RuntimeError):
-    """A demo run could not be made or read (message says which and where its log is)."""
+#: Errors of the demo are those of the runs it launches.
+DemoError = RunError
 
 
 @dataclass
@@ -53,31 +49,6 @@ def demo_config(learner: str, variant: str, out_dir: Path) -> Path:
     derived.parent.mkdir(parents=True, exist_ok=True)
     derived.write_text(json.dumps(config, indent=4) + "\n")
     return derived
-
-
-def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path, float]:
-    """Run ``python main.py --config config`` in ``root``; returns (results file, wall seconds)."""
-    t0 = time.time()
-    results = None
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w", buffering=1) as log, subprocess.Popen(
-        [sys.executable, "main.py", "--config", str(config)],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    ) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            if line.startswith(RESULTS_MARK):
-                results = Path(line[len(RESULTS_MARK):].strip())
-            if echo is not None:
-                echo(line)
-        code = proc.wait()
-    wall = time.time() - t0
-    if code != 0:
-        raise DemoError(f"PyCIL run {config.name} failed with exit code {code}; see {log_path}")
-    if results is None:
-        raise DemoError(f"PyCIL run {config.name} printed no results file; is the checkout patched? see {log_path}")
-    return (results if results.is_absolute() else root / results), wall
 
 
 def run_demo(learners=DEMO_LEARNERS, out_dir: Path | None = None, root: Path | None = None, echo=None,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cim_plugin.core.boxes as boxes_mod
 from cim_plugin.core.boxes import (
     align_boxes,
     box_area_fraction,
@@ -17,7 +19,10 @@ from cim_plugin.core.boxes import (
     mask_to_boxes,
     random_boxes_like,
     scale_boxes,
+    threshold_boxes,
+    upsampled_threshold_boxes,
 )
+from cim_plugin.core.cam import upsample_cams
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -245,6 +250,110 @@ def test_cam_to_boxes_bad_arguments():
         cam_to_boxes(cam, (8, 8), threshold=0.5, s=2, degenerate=torch.tensor([True]))
     with pytest.raises(ValueError, match="cam_norm"):
         cam_to_boxes(cam[0], (8, 8), threshold=0.5, s=2)
+
+
+# --------------------------------------------------------------------------------------------
+# threshold_boxes / upsampled_threshold_boxes (the fast routes of cam_to_boxes)
+# --------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(
+    batch=st.integers(0, 4),
+    height=st.integers(1, 13),
+    width=st.integers(1, 13),
+    threshold=st.sampled_from([-1.0, 0.0, 0.25, 0.5, 0.999, 1.0, 2.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_threshold_boxes_equals_the_mask_definition(batch, height, width, threshold, seed):
+    rng = np.random.default_rng(seed)
+    values = torch.from_numpy(np.round(rng.random((batch, height, width)) * 4) / 4).float()
+    if batch > 1:
+        values[1, rng.integers(height), rng.integers(width)] = float(rng.choice([np.nan, np.inf, -np.inf]))
+    boxes, empty = threshold_boxes(values, threshold)
+    want_boxes, want_empty = mask_to_boxes(values > threshold) if batch else (torch.zeros(0, 4), torch.zeros(0))
+    assert boxes.shape == (batch, 4) and boxes.dtype == torch.int64
+    assert torch.equal(boxes, want_boxes.long()) and torch.equal(empty, want_empty.bool())
+
+
+def test_threshold_boxes_rejects_bad_input():
+    with pytest.raises(ValueError, match="values"):
+        threshold_boxes(torch.zeros(3, 3), 0.5)
+    with pytest.raises(ValueError, match="floating"):
+        threshold_boxes(torch.zeros(1, 3, 3, dtype=torch.long), 0.5)
+
+
+def test_linear_pieces_is_interpolate_and_peaks_hold_the_maximum():
+    g = torch.Generator().manual_seed(0)
+    for n_in, n_out in [(7, 224), (1, 5), (2, 3), (5, 5), (9, 4), (3, 31)]:
+        matrix, peaks = boxes_mod._linear_pieces(n_in, n_out, torch.device("cpu"))
+        assert matrix.shape == (n_out, n_in) and peaks[0] == 0 and peaks[-1] == n_out - 1
+        signal = torch.rand(50, n_in, generator=g, dtype=torch.float64)
+        want = F.interpolate(signal.unsqueeze(1), size=n_out, mode="linear", align_corners=False)[:, 0]
+        got = signal @ matrix.T
+        assert torch.allclose(got, want, atol=1e-12)
+        assert torch.allclose(got.amax(dim=1), got[:, peaks].amax(dim=1), atol=1e-12, rtol=0)
+        assert torch.allclose(got.amin(dim=1), got[:, peaks].amin(dim=1), atol=1e-12, rtol=0)
+
+
+def _values_near_threshold(cam: torch.Tensor, size, rng) -> list[float]:
+    """Adversarial thresholds: values the upsampled map takes (so some pixels sit exactly on it)."""
+    up = upsample_cams(cam, size).flatten()
+    flat = cam.flatten().float()
+    return [float(up[rng.integers(up.numel())]) for _ in range(3)] + [float(flat[rng.integers(flat.numel())]), 0.6]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_upsampled_threshold_boxes_equals_upsample_then_mask(dtype, one_thread):
+    rng = np.random.default_rng(1)
+    cases = [((7, 7), (224, 224)), ((7, 7), (33, 17)), ((1, 1), (40, 40)), ((2, 5), (50, 9)), ((3, 3), (5, 5)),
+             ((6, 4), (4, 6)), ((14, 14), (224, 160)), ((5, 1), (64, 64))]
+    for (h, w), size in cases:
+        base = rng.random((6, h, w))
+        base[1] = np.round(base[1] * 3) / 3  # plateaus
+        base[2] *= 1e3
+        base[3] = base[3] * 2 - 1
+        base[4] = 0.5  # constant
+        cam = torch.from_numpy(base).to(dtype)
+        for threshold in _values_near_threshold(cam, size, rng):
+            got = upsampled_threshold_boxes(cam, size, threshold)
+            want = mask_to_boxes(upsample_cams(cam, size) > threshold)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), ((h, w), size, threshold)
+
+
+def test_upsampled_threshold_boxes_non_finite_and_fast_route(monkeypatch, one_thread):
+    g = torch.Generator().manual_seed(2)
+    cam = F.avg_pool2d(torch.rand(64, 1, 28, 28, generator=g), 4).squeeze(1)
+    cam = (cam - cam.amin((1, 2), keepdim=True)) / (cam.amax((1, 2), keepdim=True) - cam.amin((1, 2), keepdim=True))
+    cam[5, 0, 0] = float("nan")
+    cam[6, 3, 3] = float("inf")
+    redone = []
+    real = boxes_mod.threshold_boxes
+
+    def spy(values, threshold):
+        redone.append(values.shape[0])
+        return real(values, threshold)
+
+    monkeypatch.setattr(boxes_mod, "threshold_boxes", spy)
+    got = upsampled_threshold_boxes(cam, (224, 224), 0.6)
+    want = mask_to_boxes(upsample_cams(cam, (224, 224)) > 0.6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert 2 <= sum(redone) <= 6  # the two non-finite maps, and at most a few near-threshold ones
+    redone.clear()
+    upsampled_threshold_boxes(cam[:0], (224, 224), 0.6)
+    upsampled_threshold_boxes(cam[:2], (12, 12), 0.6)  # image not larger than 2 (h + 1): direct route
+    assert redone == [0, 2]
+
+
+def test_cam_to_boxes_equals_the_upsample_mask_definition(one_thread):
+    g = torch.Generator().manual_seed(4)
+    cam = F.avg_pool2d(torch.rand(32, 1, 28, 28, generator=g), 4).squeeze(1)
+    norm = (cam - cam.amin((1, 2), keepdim=True)) / (cam.amax((1, 2), keepdim=True) - cam.amin((1, 2), keepdim=True))
+    for size, s in [((224, 224), 2), ((97, 130), 3), ((64, 64), 4)]:
+        boxes, fallback = cam_to_boxes(norm, size, 0.6, s)
+        raw, empty = mask_to_boxes(upsample_cams(norm, size) > 0.6)
+        want = torch.where(empty.unsqueeze(1), torch.tensor([0, size[0], 0, size[1]]), align_boxes(raw, size, s))
+        assert torch.equal(boxes, want) and torch.equal(fallback, empty)
 
 
 # --------------------------------------------------------------------------------------------

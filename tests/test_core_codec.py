@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cim_plugin.core.boxes import align_boxes, box_area_fraction, boxes_to_mask, is_aligned
+from cim_plugin.core import codec
 from cim_plugin.core.codec import (
     blend_compress,
     decode,
@@ -149,6 +150,83 @@ def test_blend_compress_batch_equals_singles_and_grad():
     # each low-res anchor pixel receives the gradient of its whole cell outside the box
     assert x.grad.sum().item() == pytest.approx(out.numel())
     assert x.grad[1, 0, 0, 0].item() == 4.0 and x.grad[1, 0, 0, 1].item() == 0.0
+
+
+def _where_blend(x: torch.Tensor, boxes: torch.Tensor, s: int) -> torch.Tensor:
+    """The straightforward definition: one torch.where with the box mask."""
+    inside = boxes_to_mask(boxes, tuple(x.shape[-2:])).unsqueeze(1)
+    return torch.where(inside, x, upsample_nearest(lowres(x, s), s, tuple(x.shape[-2:])))
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int8, torch.bool, torch.int16, torch.float16, torch.float32, torch.int64, torch.float64]
+)
+@pytest.mark.parametrize("height, width, s", [(7, 5, 2), (1, 1, 2), (8, 8, 2), (6, 12, 2), (9, 10, 3), (8, 16, 4), (5, 17, 4), (3, 9, 8)])
+def test_fill_upsampled_equals_the_broadcast_definition(dtype, height, width, s):
+    g = torch.Generator().manual_seed(height * 100 + width)
+    big = torch.randint(-128, 128, (3, 2, height, width), generator=g).to(dtype)
+    for x in (big, big[1:], big.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):  # offset, channels-last
+        out = codec._fill_upsampled(x, s, torch.empty_like(x))
+        assert torch.equal(out, upsample_nearest(lowres(x, s), s, (height, width)))
+
+
+def test_fill_top_words_used_when_the_layout_allows():
+    x = torch.randint(0, 256, (2, 3, 6, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    top = torch.empty_like(x)[..., ::2, :]
+    assert codec._fill_top_words(x, 2, top) == 10  # 2-byte words: the multiply path
+    assert codec._fill_top_words(x, 4, torch.empty_like(x)[..., ::4, :]) == 8  # shift-or, 2 leftover columns
+    assert codec._fill_top_words(x.float(), 2, torch.empty(2, 3, 6, 10)[..., ::2, :]) == 10  # 8-byte words
+    assert codec._fill_top_words(x, 3, torch.empty_like(x)[..., ::3, :]) == 0  # 3-byte words: strided copies
+    assert codec._fill_top_words(x.double(), 2, torch.empty(2, 3, 6, 10, dtype=torch.float64)[..., ::2, :]) == 0
+    odd = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)  # rows of 7 bytes: not viewable as int16
+    assert codec._fill_top_words(odd, 2, torch.empty_like(odd)[..., ::2, :]) == 0
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.bool, torch.int16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128]
+)
+def test_blend_fast_path_equals_where_definition(dtype):
+    g = torch.Generator().manual_seed(5)
+    for height, width, s in [(9, 7, 2), (8, 8, 2), (12, 10, 3), (5, 5, 4), (1, 3, 2), (16, 16, 4)]:
+        boxes = torch.tensor(
+            [[0, 0, 0, 0], [0, height, 0, width], [1, height - 1, 0, 1], [0, 1, width - 1, width], [2, 5, 1, 3]]
+        ).clamp(min=0)
+        boxes[:, :2] = boxes[:, :2].clamp(max=height)
+        boxes[:, 2:] = boxes[:, 2:].clamp(max=width)
+        boxes[:, 1] = torch.maximum(boxes[:, 1], boxes[:, 0])
+        boxes[:, 3] = torch.maximum(boxes[:, 3], boxes[:, 2])
+        for b in (boxes, align_boxes(boxes, (height, width), s)):
+            x = (torch.rand(len(b) + 1, 3, height, width, generator=g) * 200).to(dtype)
+            for view in (x[:-1], x[1:], x[1:].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+                want = _where_blend(view, b, s)
+                got = blend_compress(view, b, s)
+                assert got.dtype == dtype and torch.equal(got, want), (dtype, height, width, s)
+            sliced = x[:-1, :, :, 1:]  # not dense: the torch.where route
+            sb = b.clone()
+            sb[:, 2:] = sb[:, 2:].clamp(max=width - 1)
+            assert torch.equal(blend_compress(sliced, sb, s), _where_blend(sliced, sb, s))
+
+
+def test_blend_fast_path_keeps_channels_last_and_numpy_layout():
+    rng = np.random.default_rng(0)
+    chunk = rng.integers(0, 256, (4, 12, 10, 3), dtype=np.uint8)  # PyCIL's HWC storage
+    x = torch.from_numpy(chunk).permute(0, 3, 1, 2)
+    boxes = torch.tensor([[2, 8, 4, 10], [0, 0, 0, 0], [0, 12, 0, 10], [6, 12, 0, 2]])
+    out = blend_compress(x, boxes, 2)
+    assert out.stride() == x.stride()  # HWC in memory, so permuting back is free
+    np.testing.assert_array_equal(out.numpy(), _brute_blend(x.numpy(), boxes.numpy(), 2))
+    assert np.array_equal(chunk, x.permute(0, 2, 3, 1).numpy())  # input untouched
+
+
+def test_blend_fast_path_no_grad_and_empty_batch():
+    x = torch.rand(3, 2, 10, 6, requires_grad=True)
+    boxes = torch.tensor([[2, 6, 0, 4], [0, 0, 0, 0], [0, 10, 0, 6]])
+    with torch.no_grad():
+        fast = blend_compress(x, boxes, 2)
+    assert not fast.requires_grad
+    assert torch.equal(fast, blend_compress(x, boxes, 2).detach())
+    empty = blend_compress(torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, 4, dtype=torch.long), 2)
+    assert empty.shape == (0, 3, 8, 8)
 
 
 def test_blend_compress_shape_errors():

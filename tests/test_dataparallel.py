@@ -163,7 +163,7 @@ def test_mixin_passes_are_the_same_wrapped(kind, mask, device, monkeypatch):
     for a, b in zip(plain._cim_forward(raw, labels), wrapped._cim_forward(raw, labels)):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(plain._cim_features(raw), wrapped._cim_features(raw))
-    (ba, fa, feats_a), (bb, fb, feats_b) = plain._cim_boxes(raw, labels), wrapped._cim_boxes(raw, labels)
+    (ba, fa, feats_a, _), (bb, fb, feats_b, _) = plain._cim_boxes(raw, labels), wrapped._cim_boxes(raw, labels)
     assert torch.equal(ba, bb) and torch.equal(fa, fb)
     torch.testing.assert_close(feats_a, feats_b)
     if mask == "pau":

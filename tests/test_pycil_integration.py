@@ -161,3 +161,63 @@ def test_imagenet_style_folder_with_the_shipped_foster_cim_config(pycil, tmp_pat
     mem = res["phases"][-1]["memory"]
     assert mem["storage_shape"] == [64, 64, 3] and mem["full_exemplar_bytes"] == 64 * 64 * 3
     assert mem["bytes_used"] <= mem["budget_bytes"] and mem["mean_exemplars_per_class"] >= 12 // 6
+
+
+def test_results_hold_accuracy_matrix_forgetting_timings_and_gallery(run, pycil):
+    import numpy as np
+
+    from cim_plugin.figures import validate_gallery
+    from cim_plugin.metrics import forgetting
+
+    for variant in ("off", "cam"):
+        _, res = run("icarl", variant)
+        matrix = res["accuracy_matrix"]["cnn"]
+        assert [len(row) for row in matrix] == [1, 2]
+        # the per-task rows come from the same predictions as PyCIL's total: 5 and 3 classes x 5 test images
+        for phase, row in zip(res["phases"], matrix):
+            weights = [5, 3][: len(row)]
+            total = sum(a * w for a, w in zip(row, weights)) / sum(weights)
+            assert total == pytest.approx(phase["cnn_top1"], abs=0.02)
+        assert matrix[0][0] == pytest.approx(res["phases"][0]["cnn_top1"], abs=0.01)
+        summary = res["summary"]
+        assert summary["forgetting_cnn"] == forgetting(matrix)
+        assert summary["forgetting_nme"] == forgetting(res["accuracy_matrix"]["nme"])
+        assert summary["last_cnn_top1"] == res["phases"][-1]["cnn_top1"]
+        assert summary["units_used"] <= summary["budget_units"] and summary["exemplars_per_class"]
+        assert res["config"]["model_name"] == "icarl" and res["results_version"] == 2
+    _, cam = run("icarl", "cam")
+    assert set(cam["summary"]["cim_seconds"]) >= {"memory", "box_refresh"}
+    assert all("cim_seconds" in p for p in cam["phases"])
+    gallery_path = pycil / cam["log_file"].replace(".log", "_gallery.npz")
+    with np.load(gallery_path) as data:
+        gallery = validate_gallery({k: data[k] for k in data.files})
+    labels = gallery["labels"].tolist()
+    assert labels == list(range(8))  # every class of the run (cim_gallery default 16)
+    assert gallery["originals"].shape == gallery["reconstructions"].shape == (8, 48, 48, 3)
+    assert not np.isnan(gallery["cams"].astype(np.float32)).any() and gallery["source"] == "cam"
+    # the reconstruction equals the original inside the box, and is blockier outside it
+    (y0, y1, x0, x1), orig, rec = gallery["boxes"][0], gallery["originals"][0], gallery["reconstructions"][0]
+    assert (rec[y0:y1, x0:x1] == orig[y0:y1, x0:x1]).all()
+
+
+def test_ablation_runner_runs_resumes_and_reports(pycil, tmp_path, capsys):
+    from cim_plugin import ablation
+
+    config = {**TINY, **LEARNER_KEYS["icarl"], "model_name": "icarl", "data_root": str(tmp_path / "cache"),
+              "cam_update_interval": 1, "randombbxblur_prob_incre": 0.5}
+    path = tmp_path / "icarl.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "ablation"
+    outcome, written = ablation.run_ablation([path], ["off", "random"], [5], out, root=pycil)
+    assert outcome == {"skipped": [], "ran": ["icarl_off_s5", "icarl_random_s5"], "failed": []}
+    assert {"aggregate.md", "aggregate.csv", "runs.csv", "accuracy_per_phase.png", "exemplars_vs_bytes.png",
+            "gallery_icarl_random.png"} <= set(written)
+    res = json.loads((out / "runs" / "icarl_random_s5" / "results.json").read_text())
+    assert res["cim_mask"] == "random" and res["seed"] == 5 and res["ablation"]["variant"] == "random"
+    md = (out / "aggregate.md").read_text()
+    assert "| icarl | off | 1 |" in md and "| icarl | random | 1 |" in md
+    # a run killed half-way (no finished results) runs again; the finished one is skipped
+    (out / "runs" / "icarl_random_s5" / "results.json").unlink()
+    outcome, _ = ablation.run_ablation([path], ["off", "random"], [5], out, root=pycil, figures=False)
+    assert outcome == {"skipped": ["icarl_off_s5"], "ran": ["icarl_random_s5"], "failed": []}
+    assert "ran 1, skipped 1 already finished, failed 0" in capsys.readouterr().out

@@ -105,6 +105,21 @@ def is_aligned(boxes: torch.Tensor, image_size: Sequence[int], s: int) -> torch.
     )
 
 
+def _hits_to_boxes(rows_hit: torch.Tensor, cols_hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes from Bool ``[B, H]`` row hits and ``[B, W]`` column hits: first and last hit of each."""
+    height, width = rows_hit.shape[1], cols_hit.shape[1]
+    empty = ~rows_hit.any(dim=1)
+    rows = rows_hit.to(torch.uint8)
+    cols = cols_hit.to(torch.uint8)
+    y0 = rows.argmax(dim=1)
+    y1 = height - rows.flip(1).argmax(dim=1)
+    x0 = cols.argmax(dim=1)
+    x1 = width - cols.flip(1).argmax(dim=1)
+    boxes = torch.stack([y0, y1, x0, x1], dim=1).long()
+    boxes = torch.where(empty.unsqueeze(1), torch.zeros_like(boxes), boxes)
+    return boxes, empty
+
+
 def mask_to_boxes(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Tight box around all True pixels of each mask.
 
@@ -116,19 +131,116 @@ def mask_to_boxes(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"mask must be [B, H, W], got shape {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
-    height, width = mask.shape[1:]
-    if height == 0 or width == 0:
+    if mask.shape[1] == 0 or mask.shape[2] == 0:
         raise ValueError(f"mask must have H, W >= 1, got shape {tuple(mask.shape)}")
-    rows_any = mask.any(dim=2)  # [B, H]
-    empty = ~rows_any.any(dim=1)
-    rows = rows_any.to(torch.uint8)
-    cols = mask.any(dim=1).to(torch.uint8)  # [B, W]
-    y0 = rows.argmax(dim=1)
-    y1 = height - rows.flip(1).argmax(dim=1)
-    x0 = cols.argmax(dim=1)
-    x1 = width - cols.flip(1).argmax(dim=1)
-    boxes = torch.stack([y0, y1, x0, x1], dim=1).long()
-    boxes = torch.where(empty.unsqueeze(1), torch.zeros_like(boxes), boxes)
+    return _hits_to_boxes(mask.any(dim=2), mask.any(dim=1))
+
+
+def threshold_boxes(values: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tight box of ``values > threshold`` per map, without building the mask.
+
+    values: float ``[B, H, W]``. Equals ``mask_to_boxes(values > threshold)`` exactly: a row (column)
+    holds a pixel above the threshold iff its maximum is above it, so two ``amax`` reductions
+    replace the ``B x H x W`` Bool mask and its two ``any`` passes. A NaN poisons ``amax``
+    (``NaN > t`` is False pixel-wise but not for the row max), so a batch holding any NaN takes
+    the mask route. Returns ``(boxes int64 [B, 4], empty Bool [B])``.
+    """
+    if values.ndim != 3:
+        raise ValueError(f"values must be [B, H, W], got shape {tuple(values.shape)}")
+    if not values.dtype.is_floating_point:
+        raise ValueError(f"values must be a floating-point tensor, got dtype {values.dtype}")
+    if values.shape[1] == 0 or values.shape[2] == 0:
+        raise ValueError(f"values must have H, W >= 1, got shape {tuple(values.shape)}")
+    if values.shape[0] == 0:
+        return torch.zeros(0, 4, dtype=torch.long, device=values.device), torch.zeros(
+            0, dtype=torch.bool, device=values.device
+        )
+    row_max = values.amax(dim=2)  # [B, H]
+    if bool(torch.isnan(row_max).any()):
+        return mask_to_boxes(values > threshold)
+    return _hits_to_boxes(row_max > threshold, values.amax(dim=1) > threshold)
+
+
+def _linear_pieces(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D linear resampling ``n_in -> n_out`` (``align_corners=False``) as a float64 matrix.
+
+    Output ``d`` samples source coordinate ``c = (d + 0.5) * n_in / n_out - 0.5`` clamped to
+    ``[0, n_in - 1]`` (what ``F.interpolate`` does): row ``d`` of the ``[n_out, n_in]`` matrix holds
+    the two weights ``1 - frac(c)``, ``frac(c)``. The resampled signal is linear in ``d`` on each
+    run of outputs with the same ``floor(c)`` (a clamped run is constant), so its maximum over
+    any such runs is at a run's first or last output; ``peaks`` lists those (sorted, int64).
+    Returns ``(matrix, peaks)``.
+    """
+    d = torch.arange(n_out, dtype=torch.float64, device=device)
+    c = (d + 0.5) * (n_in / n_out) - 0.5
+    run = torch.floor(c).clamp(-1, n_in - 1)  # -1: clamped to source 0; n_in - 1: at the last source
+    c = c.clamp(0, n_in - 1)
+    i0 = torch.floor(c).long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w1 = c - i0
+    matrix = torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
+    matrix.index_put_((d.long(), i0), 1.0 - w1, accumulate=True)
+    matrix.index_put_((d.long(), i1), w1, accumulate=True)
+    edge = torch.zeros(n_out, dtype=torch.bool, device=device)
+    edge[0] = edge[-1] = True
+    change = run[1:] != run[:-1]
+    edge[1:] |= change
+    edge[:-1] |= change
+    return matrix, torch.nonzero(edge).flatten()
+
+
+def upsampled_threshold_boxes(
+    cam: torch.Tensor, size: Sequence[int], threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tight box of ``upsample_cams(cam, size) > threshold``, found at the CAM's resolution.
+
+    cam: float ``[B, h, w]``; size: ``(H, W)``. Returns ``(boxes int64 [B, 4], empty Bool [B])``,
+    equal to ``threshold_boxes(upsample_cams(cam, size), threshold)`` (tests check it), without
+    the ``B x H x W`` upsampled map when the CAM is much smaller than the image.
+
+    Why it is exact. The bilinear map is ``Ry @ cam @ Rx^T`` (``_linear_pieces``); along a row it
+    is a linear resampling, piecewise linear, so the row maximum is at one of at most
+    ``2 (w + 1)`` peak columns, and likewise for columns. Row and column maxima of the exact map
+    thus cost two small float64 matmuls (``B x H x 2(w+1)`` and ``B x 2(h+1) x W`` values).
+    ``F.interpolate`` rounds (coordinates and four products per value) with unit roundoff ``u``
+    of the dtype, so each of its values is within
+    ``eps = 64 u ((h + w + 2) * range + max|cam| + |threshold|)`` of the exact one, several times
+    the worst case. A row (column) whose exact maximum is more than ``eps`` above the threshold
+    is hit by the kernel's mask too, one more than ``eps`` below is not; the boxes of the sure
+    hits and of the possible hits agree for nearly every map. A map where they differ (a maximum
+    within ``eps`` of the threshold), or that holds a non-finite value, is upsampled and
+    thresholded for real (``threshold_boxes``); so is the whole batch when the image is not
+    larger than ``2 (h + 1)`` x ``2 (w + 1)``.
+    """
+    if cam.ndim != 3:
+        raise ValueError(f"cam must be [B, h, w], got shape {tuple(cam.shape)}")
+    height, width = check_image_size(size)
+    batch, h, w = cam.shape
+    if not cam.dtype.is_floating_point:
+        cam = cam.float()
+    if batch == 0 or h * w == 0 or height <= 2 * (h + 1) or width <= 2 * (w + 1):
+        return threshold_boxes(upsample_cams(cam, (height, width)), threshold)
+    ry, y_peaks = _linear_pieces(h, height, cam.device)  # [H, h]
+    rx, x_peaks = _linear_pieces(w, width, cam.device)  # [W, w]
+    a = cam.to(torch.float64)
+    row_max = (rx[x_peaks] @ a.transpose(1, 2) @ ry.T).amax(dim=1)  # [B, peaks, H] -> [B, H]
+    col_max = (ry[y_peaks] @ a @ rx.T).amax(dim=1)  # [B, peaks, W] -> [B, W]
+
+    flat = a.flatten(1)
+    top, bottom = flat.amax(dim=1), flat.amin(dim=1)
+    unit = torch.finfo(cam.dtype).eps / 2
+    tau = float(threshold)
+    eps = 64 * unit * ((h + w + 2) * (top - bottom) + torch.maximum(top.abs(), bottom.abs()) + abs(tau))
+    eps = eps.unsqueeze(1)
+    sure, _ = _hits_to_boxes(row_max > tau + eps, col_max > tau + eps)
+    boxes, empty = _hits_to_boxes(row_max >= tau - eps, col_max >= tau - eps)
+    # sure hits are possible hits, so equal boxes have the same first and last rows and columns
+    redo = (sure != boxes).any(dim=1) | ~torch.isfinite(flat).all(dim=1)
+    if bool(redo.any()):
+        idx = torch.nonzero(redo).flatten()
+        exact, exact_empty = threshold_boxes(upsample_cams(cam[idx], (height, width)), threshold)
+        boxes = boxes.index_put((idx,), exact)
+        empty = empty.index_put((idx,), exact_empty)
     return boxes, empty
 
 
@@ -189,8 +301,7 @@ def cam_to_boxes(
         bad = bad | degenerate.to(device=cam_norm.device, dtype=torch.bool)
     if batch == 0:
         return torch.zeros(0, 4, dtype=torch.long, device=cam_norm.device), bad
-    mask = upsample_cams(cam_norm.detach(), size) > float(threshold)
-    boxes, empty = mask_to_boxes(mask)
+    boxes, empty = upsampled_threshold_boxes(cam_norm.detach(), size, float(threshold))
     boxes = align_boxes(boxes, size, s)
     fallback = bad | empty
     full = full_boxes(batch, size, device=boxes.device)

@@ -19,6 +19,7 @@ Two halves:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -161,16 +162,151 @@ def _check_images(x: torch.Tensor, name: str = "x") -> tuple[int, int]:
 def blend_compress(x: torch.Tensor, boxes: torch.Tensor, s: int) -> torch.Tensor:
     """Compressed images: box pixels unchanged, the rest ``upsample_nearest(lowres(x))``.
 
-    x: ``[B, C, H, W]`` any dtype. boxes: int ``[B, 4]``. Returns the same shape and dtype; one
-    ``torch.where`` over the batch, differentiable for float ``x``.
+    x: ``[B, C, H, W]`` any dtype. boxes: int ``[B, 4]`` (aligned or not). Returns the same shape
+    and dtype, bit-exact. Differentiable for float ``x`` that requires grad (one ``torch.where``
+    over the batch); otherwise the fast path ``_blend_into``: the low-res image is written once
+    straight from ``x``, then a bit-select on machine words puts the box pixels back, with no
+    float conversion and no per-image loop. The output keeps the memory format of ``x``.
     """
     size = _check_images(x)
     s = check_factor(s)
     boxes = check_boxes(boxes, size)
     if boxes.shape[0] != x.shape[0]:
         raise ValueError(f"boxes has B={boxes.shape[0]} rows but x has B={x.shape[0]} images")
-    inside = boxes_to_mask(boxes.to(x.device), size).unsqueeze(1)  # [B, 1, H, W]
-    return torch.where(inside, x, upsample_nearest(lowres(x, s), s, size))
+    boxes = boxes.to(x.device)
+    if torch.is_grad_enabled() and x.requires_grad:
+        inside = boxes_to_mask(boxes, size).unsqueeze(1)  # [B, 1, H, W]
+        return torch.where(inside, x, upsample_nearest(lowres(x, s), s, size))
+    out = torch.empty_like(x)  # same strides as x when x is dense (NCHW or channels-last)
+    return _blend_into(x, boxes, s, out)
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fill_upsampled(x: torch.Tensor, s: int, out: torch.Tensor) -> torch.Tensor:
+    """Write ``upsample_nearest(lowres(x, s), s, size)`` into ``out`` (same shape as ``x``, any strides).
+
+    Every output element is written once and ``x`` is read only at the rows it needs. First the
+    top row of each block of ``s`` rows (``out[..., ::s, :]``): by ``_fill_top_words`` when the
+    layout allows, else one strided copy per column phase (``out[..., ::s, b::s] = x[..., ::s, ::s]``).
+    Then each other row phase copies that row (``out[..., a::s, :] = out[..., ::s, :]``, inner loop
+    over the full width). Sizes not divisible by ``s`` crop the last block. No autograd.
+    """
+    height, width = x.shape[-2:]
+    top = out[..., ::s, :]
+    done = _fill_top_words(x, s, top)
+    if done < width:
+        low = x[..., ::s, done::s]
+        for b in range(min(s, width - done)):
+            dst = top[..., done + b :: s]
+            dst.copy_(low[..., : dst.shape[-1]])
+    for a in range(1, min(s, height)):
+        dst = out[..., a::s, :]
+        dst.copy_(top[..., : dst.shape[-2], :])
+    return out
+
+
+def _viewable_as(t: torch.Tensor, nbytes: int) -> bool:
+    """``t.view(<int of nbytes>)`` is legal (torch's rule for a wider dtype view)."""
+    size = t.element_size()
+    if nbytes % size:
+        return False
+    ratio = nbytes // size
+    return (
+        t.ndim > 0
+        and t.stride(-1) == 1
+        and t.shape[-1] % ratio == 0
+        and t.storage_offset() % ratio == 0
+        and all(st % ratio == 0 for st in t.stride()[:-1])
+    )
+
+
+def _fill_top_words(x: torch.Tensor, s: int, top: torch.Tensor) -> int:
+    """Top rows of the low-res image, ``top[..., j] = x[..., ::s, (j // s) * s]``, for the first
+    ``W - W % s`` columns; returns how many columns it wrote (0 when the layout does not allow it).
+
+    Integer-factor nearest resampling without a strided loop: on a little-endian machine the
+    ``s`` elements of a cell row, read as one integer word of ``s * k`` bytes (``k`` the element
+    size, ``s * k`` in 2, 4, 8), have the cell's sample in the low ``k`` bytes. Masking those and
+    replicating them ``s`` times (multiply by 257 for 2-byte words, else shift-or doublings; both
+    wrap-free in torch) gives the output word. Two or three vectorised passes over half-size rows
+    instead of ``s`` strided copies.
+    """
+    k = x.element_size()
+    word = s * k
+    width = x.shape[-1]
+    cols = width - width % s
+    if sys.byteorder != "little" or word not in _INT_OF_SIZE or cols == 0:
+        return 0
+    src = x[..., ::s, :cols]
+    dst = top[..., :cols]
+    if not (_viewable_as(src, word) and _viewable_as(dst, word)):
+        return 0
+    int_t = _INT_OF_SIZE[word]
+    src_w, dst_w = src.view(int_t), dst.view(int_t)
+    bits = 8 * k
+    torch.bitwise_and(src_w, (1 << bits) - 1, out=dst_w)
+    if word == 2:
+        dst_w.mul_(257)  # int16 products are computed in int and narrowed: no signed overflow
+    else:
+        shift = bits
+        while shift < 8 * word:  # s is 2, 4 or 8 here
+            dst_w.bitwise_or_(dst_w << shift)  # torch shifts the unsigned representation
+            shift *= 2
+    return cols
+
+
+def _word_views(tensors: Sequence[torch.Tensor], n_bytes: int) -> list[torch.Tensor]:
+    """View int tensors (last dim contiguous, ``n_bytes`` per last-dim row) as the widest common int words."""
+    size = tensors[0].element_size()
+    for word in (8, 4, 2):
+        if size < word and n_bytes % word == 0 and all(t.storage_offset() * size % word == 0 for t in tensors):
+            return [t.view(_INT_OF_SIZE[word]) for t in tensors]
+    return list(tensors)
+
+
+def _blend_into(x: torch.Tensor, boxes: torch.Tensor, s: int, out: torch.Tensor) -> torch.Tensor:
+    """``out = blend_compress(x, boxes, s)`` without autograd; ``out`` is fresh, shaped like ``x``.
+
+    Low-res image by ``_fill_upsampled``, then the box pixels by a bit-select over the whole batch,
+    ``out ^= x; out &= keep; out ^= x`` where ``keep`` has every bit set outside the box and none
+    inside (so ``out`` becomes ``x`` inside and stays low-res outside). The three passes run on
+    8-byte words when the row length allows: the box mask broadcasts over channels for NCHW
+    memory and is built per channel byte for channels-last memory. Other layouts, or element
+    sizes without an integer twin (complex128), use one ``torch.where``.
+    """
+    batch, channels, height, width = x.shape
+    _fill_upsampled(x, s, out)
+    if batch == 0:
+        return out
+    ys = torch.arange(height, device=x.device)
+    xs = torch.arange(width, device=x.device)
+    rows = (ys >= boxes[:, 0:1]) & (ys < boxes[:, 1:2])  # [B, H]
+    cols = (xs >= boxes[:, 2:3]) & (xs < boxes[:, 3:4])  # [B, W]
+    size = x.element_size()
+    int_t = _INT_OF_SIZE.get(size)
+    nchw = x.is_contiguous() and out.is_contiguous()
+    nhwc = x.permute(0, 2, 3, 1).is_contiguous() and out.permute(0, 2, 3, 1).is_contiguous()
+    if int_t is None or not (nchw or nhwc):
+        inside = (rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1)
+        return out.copy_(torch.where(inside, x, out))
+    # keep = -1 (all bits) outside the box, 0 inside: outside the box rows OR outside its columns
+    row_keep = rows.to(int_t).sub_(1)  # [B, H]
+    col_keep = cols.to(int_t).sub_(1)  # [B, W]
+    if nchw:
+        xv = x.view(int_t).view(batch, channels, height * width)
+        ov = out.view(int_t).view(batch, channels, height * width)
+        keep = (row_keep.unsqueeze(2) | col_keep.unsqueeze(1)).view(batch, 1, height * width)
+    else:
+        n = height * width * channels
+        xv = x.view(int_t).permute(0, 2, 3, 1).view(batch, 1, n)
+        ov = out.view(int_t).permute(0, 2, 3, 1).view(batch, 1, n)
+        col_keep = col_keep.repeat_interleave(channels, dim=1)  # [B, W * C]
+        keep = (row_keep.unsqueeze(2) | col_keep.unsqueeze(1)).view(batch, 1, n)
+    xv, ov, keep = _word_views([xv, ov, keep], xv.shape[-1] * size)
+    ov.bitwise_xor_(xv).bitwise_and_(keep).bitwise_xor_(xv)
+    return out
 
 
 def soft_blend(x: torch.Tensor, mask: torch.Tensor, s: int) -> torch.Tensor:

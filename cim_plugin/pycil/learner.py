@@ -15,26 +15,33 @@ learners' training loops is copied. The mixin only uses PyCIL's seams:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
+from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from ..config import CIMConfig
 from ..core.bilevel import BilevelSettings, mask_step
 from ..core.branch import PAUBranch
-from ..core.cam import class_activation_maps
+from ..atomic import atomic_open
+from ..core.cam import class_activation_maps, normalize_cams
 from ..core.codec import blend_compress
 from ..core.herding import herding_rank
 from ..core.masks import make_mask_source
 from ..core.memory import CompressedExemplarMemory
 from .data import ArtefactAugmentedDataset, AugmentState, Normalizer, PluginDataManager, storage_shape, to_storage
 from .losses import cil_loss_for
+from .results import run_base
 from .nets import (
     backbones, cam_and_features, classifier_weight, eval_mode, extract_vector, feature_dim, maps_and_features, unwrap,
 )
@@ -79,6 +86,8 @@ class CIMLearnerMixin:
         self._cim_train_set: Any = None
         self._cim_branch: PAUBranch | None = None
         self._cim_meta: dict = {}
+        self._cim_seconds: defaultdict[str, float] = defaultdict(float)  # CIM's own work, per phase
+        self._cim_gallery_rows: dict[int, tuple] = {}
         self._cim_bilevel = BilevelSettings(
             factor=cfg.downsample_factor, div_coef=cfg.div_coef, reg_coef=cfg.reg_coef,
             max_phi_grad_norm=cfg.max_phi_grad_norm, mode=cfg.cim_bilevel,
@@ -121,7 +130,21 @@ class CIMLearnerMixin:
     def _feature_boosting(self, train_loader, test_loader, optimizer, scheduler):
         return super()._feature_boosting(train_loader, test_loader, optimizer, self._cim_hooked(scheduler))
 
+    @contextlib.contextmanager
+    def _cim_timed(self, part: str):
+        """Adds the block's wall seconds to ``_cim_seconds[part]`` (reported per phase in results.json)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._cim_seconds[part] += time.perf_counter() - t0
+
     def build_rehearsal_memory(self, data_manager, per_class):
+        with self._cim_timed("memory"):
+            self._cim_build_memory(data_manager, per_class)
+        self._cim_write_gallery()
+
+    def _cim_build_memory(self, data_manager, per_class):
         dm = data_manager if isinstance(data_manager, PluginDataManager) else PluginDataManager(data_manager, self)
         mem = self._cim_memory
         if not self._fixed_memory:
@@ -185,11 +208,14 @@ class CIMLearnerMixin:
         return EpochEndScheduler(scheduler, self._cim_on_epoch_end)
 
     def _cim_on_epoch_end(self, epoch: int, scheduler: Any = None) -> None:
-        """After each CIL epoch: the mask-level steps (pau), then, on schedule, new-class boxes."""
+        """After each CIL epoch: the mask-level steps (pau), then, on schedule, new-class boxes
+        (also after a stage's last epoch: FOSTER's compression stage trains on them next)."""
         if self._cim_mask.needs_branch and self._cim_bilevel.mode != "none":
-            self._cim_mask_steps(scheduler)
+            with self._cim_timed("mask_steps"):
+                self._cim_mask_steps(scheduler)
         if epoch % self._cim.cam_update_interval == 0:
-            self._cim_refresh_boxes(epoch)
+            with self._cim_timed("box_refresh"):
+                self._cim_refresh_boxes(epoch)
 
     def _cim_refresh_boxes(self, epoch: int) -> None:
         cfg = self._cim
@@ -320,13 +346,15 @@ class CIMLearnerMixin:
             return extract_vector(net, self._cim_norm(raw, self._device)).cpu()
 
     def _cim_boxes(self, raw: np.ndarray, labels: np.ndarray):
-        """Boxes ``[B, 4]`` at storage resolution from the configured mask source."""
+        """Boxes ``[B, 4]`` at storage resolution from the configured mask source, CAM fallback
+        flags, and (when the source computes a CAM) the CIL features ``[B, D]`` and raw CAMs
+        ``[B, h, w]`` (None otherwise)."""
         cam = feats = None
         images = torch.from_numpy(raw).permute(0, 3, 1, 2)
         if self._cim_mask.needs_cam:
             cam, feats = self._cim_forward(raw, labels)
         res = self._cim_mask.boxes(images, torch.as_tensor(labels), (lambda *_: cam) if cam is not None else None)
-        return res.boxes, res.fallback, feats
+        return res.boxes, res.fallback, feats, cam
 
     def _cim_fill_class(self, dm: PluginDataManager, label: int, budget: float) -> int:
         """Herd compressed exemplars of one new class into the memory; returns CAM fallbacks."""
@@ -341,10 +369,11 @@ class CIMLearnerMixin:
             log.warning("CIM memory: class %d has no readable image: no exemplars stored", label)
             return 0
         labels = np.full(len(raw), label, dtype=np.int64)
-        boxes, clean, stored, fallbacks = [], [], [], 0
+        boxes, clean, stored, cams, fallbacks = [], [], [], [], 0
         for start in range(0, len(raw), cfg.cam_batch_size):
             chunk, lab = raw[start : start + cfg.cam_batch_size], labels[start : start + cfg.cam_batch_size]
-            b, fb, feats = self._cim_boxes(chunk, lab)
+            b, fb, feats, cam = self._cim_boxes(chunk, lab)
+            cams.append(cam)
             if feats is None:
                 feats = self._cim_features(chunk)
             compressed = blend_compress(torch.from_numpy(chunk).permute(0, 3, 1, 2), b, mem.factor)
@@ -356,7 +385,36 @@ class CIMLearnerMixin:
         target = torch.cat(clean).mean(dim=0)
         ranked = herding_rank(torch.cat(stored), target, mem.costs_of(boxes_np), budget)
         mem.add_class(label, raw[ranked], boxes_np[ranked], budget)
+        if label < cfg.cim_gallery and len(ranked):
+            first = int(ranked[0])
+            cam = None if cams[0] is None else torch.cat(cams)[first : first + 1]
+            self._cim_gallery_rows[label] = (raw[first], cam, boxes_np[first], mem.images(label, np.zeros(1, dtype=np.int64))[0])
         return fallbacks
+
+    def _cim_write_gallery(self) -> None:
+        """``<log>_gallery.npz``: per gallery class its top-ranked exemplar as original, CAM
+        (normalised, upsampled; NaN for mask sources without a CAM), box and reconstruction."""
+        rows = self._cim_gallery_rows
+        if not rows:
+            return
+        labels = sorted(rows)
+        h, w = rows[labels[0]][0].shape[:2]
+        cams = np.full((len(labels), h, w), np.nan, dtype=np.float16)
+        for i, label in enumerate(labels):
+            cam = rows[label][1]
+            if cam is not None:
+                norm, _ = normalize_cams(cam.float())
+                cams[i] = F.interpolate(norm[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        path = Path(f"{run_base(self.args)}_gallery.npz")
+        try:
+            with atomic_open(path, "wb") as f:
+                np.savez_compressed(
+                    f, labels=np.asarray(labels, dtype=np.int64), originals=np.stack([rows[k][0] for k in labels]),
+                    cams=cams, boxes=np.stack([rows[k][2] for k in labels]).astype(np.int64),
+                    reconstructions=np.stack([np.asarray(rows[k][3]) for k in labels]), source=np.array(self._cim.cim_mask),
+                )
+        except OSError as err:  # a figure aid: never stop training for it
+            log.warning("CIM gallery not written to %s: %s", path, err)
 
     def _cim_class_means(self) -> np.ndarray:
         """NME class means from the compressed exemplars (as replayed), L2-normalised."""

@@ -4,6 +4,13 @@
 returns and, after every phase, the memory: exemplars per class, units used, bytes used and the
 budget in bytes; it logs these figures and rewrites ``<PyCIL log name>_results.json`` atomically,
 so a crashed run keeps the phases it finished. ``finish()`` prints the file's path at the end.
+
+Per phase: CNN and NME top-1 (and PyCIL's grouped figures), the per-task accuracies (a row of the
+accuracy matrix, computed from the same predictions PyCIL scores), the memory figures, the elapsed
+time and, with the plugin on, the seconds spent in CIM's own work (mask steps, box refreshes,
+memory building). The summary holds average incremental and last accuracy, forgetting (PyCIL's
+definition, see ``cim_plugin.metrics``), the final memory and the wall time; ``config`` holds every
+key of the run.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_open
+from ..metrics import forgetting, per_task_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +104,9 @@ class ResultsMixin:
         self._results_storage_size = storage_size
         self._results_t0 = time.time()
         self._results_pending: dict = {}
+        self._results_evals: list = []
         self._results = {
-            "results_version": 1,
+            "results_version": 2,
             "model_name": args.get("model_name"),
             "dataset": args.get("dataset"),
             "seed": args.get("seed"),
@@ -108,8 +117,18 @@ class ResultsMixin:
             "config": _jsonable({k: v for k, v in args.items()}),
         }
 
+    def _evaluate(self, y_pred, y_true):
+        """PyCIL's scoring, plus the per-task accuracies of the same predictions."""
+        out = super()._evaluate(y_pred, y_true)
+        args = self.args
+        n_tasks = self._cur_task + 1
+        self._results_evals.append(per_task_accuracy(y_pred, y_true, int(args["init_cls"]), int(args["increment"]), n_tasks))
+        return out
+
     def eval_task(self, *args, **kwargs):
+        self._results_evals = []
         cnn, nme = super().eval_task(*args, **kwargs)
+        evals = self._results_evals  # [cnn] or [cnn, nme], in eval_task's order
         self._results_pending = {
             "task": self._cur_task,
             "classes": self._total_classes,
@@ -118,6 +137,8 @@ class ResultsMixin:
             "cnn_grouped": _jsonable(cnn["grouped"]),
             "nme_top1": None if nme is None else float(nme["top1"]),
             "nme_grouped": None if nme is None else _jsonable(nme["grouped"]),
+            "cnn_task_accuracy": evals[0] if evals else None,
+            "nme_task_accuracy": evals[1] if nme is not None and len(evals) > 1 else None,
         }
         return cnn, nme
 
@@ -130,6 +151,10 @@ class ResultsMixin:
     def after_task(self):
         out = super().after_task()
         phase = {**self._results_pending, "memory": self._results_memory(), "elapsed_s": round(time.time() - self._results_t0, 2)}
+        seconds = getattr(self, "_cim_seconds", None)
+        if seconds is not None:  # CIM's own work in this phase (plugin on)
+            phase["cim_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+            seconds.clear()
         self._results_pending = {}
         self._results["phases"].append(phase)
         log.info("Task %s %s", phase.get("task"), format_memory(phase["memory"]))
@@ -140,16 +165,31 @@ class ResultsMixin:
         phases = self._results["phases"]
         cnn = [p["cnn_top1"] for p in phases if "cnn_top1" in p]
         nme = [p["nme_top1"] for p in phases if p.get("nme_top1") is not None]
+        matrices = {
+            kind: [p[f"{kind}_task_accuracy"] for p in phases if p.get(f"{kind}_task_accuracy") is not None]
+            for kind in ("cnn", "nme")
+        }
+        cim_seconds: dict = {}
+        for p in phases:
+            for k, v in p.get("cim_seconds", {}).items():
+                cim_seconds[k] = round(cim_seconds.get(k, 0.0) + v, 2)
+        self._results["accuracy_matrix"] = {k: v for k, v in matrices.items() if v}
         self._results["summary"] = {
             "phases": len(phases),
             "avg_incremental_cnn_top1": float(np.mean(cnn)) if cnn else None,
             "last_cnn_top1": cnn[-1] if cnn else None,
             "avg_incremental_nme_top1": float(np.mean(nme)) if nme else None,
             "last_nme_top1": nme[-1] if nme else None,
+            "forgetting_cnn": forgetting(matrices["cnn"]),
+            "forgetting_nme": forgetting(matrices["nme"]) if len(matrices["nme"]) == len(phases) else None,
+            "exemplars_per_class": phases[-1]["memory"]["exemplars_per_class"] if phases else None,
+            "units_used": phases[-1]["memory"]["units_used"] if phases else None,
+            "budget_units": phases[-1]["memory"].get("budget_units") if phases else None,
             "mean_exemplars_per_class": phases[-1]["memory"]["mean_exemplars_per_class"] if phases else None,
             "bytes_used": phases[-1]["memory"]["bytes_used"] if phases else None,
             "budget_bytes": phases[-1]["memory"]["budget_bytes"] if phases else None,
             "wall_time_s": round(time.time() - self._results_t0, 2),
+            "cim_seconds": cim_seconds or None,
         }
         write_json_atomic(self._results_file, self._results)
 

@@ -1,0 +1,373 @@
+"""The ablation runner: plugin variants × seeds (× learners) at the same memory budget.
+
+Each run is a normal PyCIL run (``main.py`` in the patched checkout) of a config derived from
+the user's JSON: the variant sets ``cim`` / ``cim_mask`` only, the seed sets ``seed`` and
+``prefix`` only, so every run of a learner has the same memory budget and schedule.
+
+Output folder layout::
+
+    <out>/runs/<learner>_<variant>_s<seed>/config.json    the derived PyCIL config
+                                          /pycil.log      PyCIL's whole output
+                                          /results.json   the run's results (see pycil/results.py)
+                                          /gallery.npz    exemplar gallery (plugin variants)
+    <out>/runs.csv, aggregate.csv, aggregate.md, figures/*.png
+
+Resuming: a run whose ``results.json`` says ``finished`` and whose ``config.json`` equals the
+planned config is skipped; any other run (never started, crashed, killed) is run again from the
+start. A finished run made with another config is an error unless ``force`` is given (then it is
+run again), so results of different settings never mix in one table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from tqdm import tqdm
+
+from .atomic import atomic_open
+from .launch import RunError, run_pycil
+from .metrics import mean_std
+
+log = logging.getLogger(__name__)
+
+#: The variants in table order: plain exemplars, then the mask sources of CIM's ablation.
+VARIANTS = ("off", "uniform", "random", "cam", "pau")
+#: The run-name pattern of the output folder (learner, variant, seed).
+RUN_NAME = re.compile(r"^(?P<learner>[a-z0-9]+)_(?P<variant>[a-z]+)_s(?P<seed>\d+)$")
+#: Figures summarised per learner × variant: (results.json summary key, column title).
+SUMMARY_METRICS = (
+    ("avg_incremental_cnn_top1", "avg inc. CNN"),
+    ("last_cnn_top1", "last CNN"),
+    ("avg_incremental_nme_top1", "avg inc. NME"),
+    ("last_nme_top1", "last NME"),
+    ("forgetting_cnn", "forgetting CNN"),
+    ("mean_exemplars_per_class", "exemplars/class"),
+    ("bytes_used", "bytes used"),
+    ("wall_time_s", "wall s"),
+)
+
+
+class AblationError(RuntimeError):
+    """A problem with the ablation's inputs or its output folder (message says what to fix)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    learner: str
+    variant: str
+    seed: int
+    config: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.learner}_{self.variant}_s{self.seed}"
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def load_config(path: str | Path, pycil_root: Path | None = None) -> dict:
+    """A PyCIL JSON as a dict; a relative path not found here is also tried in the PyCIL checkout."""
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute() and pycil_root is not None and (pycil_root / p).is_file():
+        p = pycil_root / p
+    if not p.is_file():
+        raise AblationError(f"config file {path} not found")
+    try:
+        config = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AblationError(f"config file {p} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise AblationError(f"config file {p} must hold a JSON object of PyCIL keys")
+    for key in ("model_name", "dataset"):
+        if not isinstance(config.get(key), str):
+            raise AblationError(f"config file {p} has no string '{key}'")
+    return config
+
+
+def variant_config(base: dict, variant: str, seed: int) -> dict:
+    """The base config with the variant's plugin switches and one seed; nothing else changes."""
+    if variant not in VARIANTS:
+        raise AblationError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    config = {k: v for k, v in base.items() if k not in ("config", "logfilename")}
+    config["seed"] = [int(seed)]
+    config["prefix"] = f"ablation_{variant}"
+    if variant == "off":
+        config["cim"] = False
+    else:
+        config.update(cim=True, cim_mask=variant)
+    return config
+
+
+def plan(configs: Sequence[dict], variants: Sequence[str], seeds: Sequence[int]) -> list[RunSpec]:
+    """Runs in order learner → variant → seed; one config per learner."""
+    if not configs or not variants or not seeds:
+        raise AblationError("an ablation needs at least one config, one variant and one seed")
+    learners = [str(c["model_name"]).lower() for c in configs]
+    dupes = sorted({name for name in learners if learners.count(name) > 1})
+    if dupes:
+        raise AblationError(f"one config per learner: {', '.join(dupes)} given more than once")
+    if len(set(variants)) != len(variants) or len(set(seeds)) != len(seeds):
+        raise AblationError("variants and seeds must not repeat")
+    for seed in seeds:
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise AblationError(f"seed {seed!r} must be an integer >= 0")
+    return [
+        RunSpec(learner, variant, seed, variant_config(config, variant, seed))
+        for learner, config in zip(learners, configs)
+        for variant in sorted(variants, key=_variant_rank)
+        for seed in seeds
+    ]
+
+
+def check_plan(specs: Iterable[RunSpec]) -> None:
+    """Validate every derived config with the plugin's own checks before any run starts."""
+    from .config import ConfigError
+    from .pycil.hook import check_args
+
+    problems = []
+    for spec in specs:
+        try:
+            check_args({**spec.config, "seed": spec.seed})  # PyCIL hands each run one seed
+        except ConfigError as err:
+            problems.append(f"{spec.name}: " + "; ".join(err.problems))
+    if problems:
+        raise AblationError("config problems:\n  " + "\n  ".join(problems))
+
+
+def _variant_rank(variant: str) -> tuple[int, str]:
+    return (VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS), variant)
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def run_state(run_dir: Path, config: dict) -> str:
+    """"done", "stale" (finished with another config), or "todo"."""
+    results, saved = run_dir / "results.json", run_dir / "config.json"
+    try:
+        finished = json.loads(results.read_text()).get("finished") is True
+        same = json.loads(saved.read_text()) == config
+    except (OSError, ValueError, AttributeError):
+        return "todo"
+    if not finished:
+        return "todo"
+    return "done" if same else "stale"
+
+
+def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False, echo: Callable | None = None,
+            runner: Callable = run_pycil) -> dict[str, list[str]]:
+    """Run what is not done yet, one progress bar over all runs; returns run names by outcome
+    ("skipped", "ran", "failed"). A failed run is reported and the others still run."""
+    out = Path(out)
+    states = {s.name: run_state(out / "runs" / s.name, s.config) for s in specs}
+    stale = [n for n, st in states.items() if st == "stale"]
+    if stale and not force:
+        raise AblationError(
+            f"{len(stale)} finished run(s) in {out} were made with another config ({', '.join(stale[:4])}"
+            f"{' ...' if len(stale) > 4 else ''}): use another --out, or --force to run them again"
+        )
+    outcome: dict[str, list[str]] = {"skipped": [], "ran": [], "failed": []}
+    bar = tqdm(specs, desc="ablation", unit="run", dynamic_ncols=True)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        if states[spec.name] == "done":
+            outcome["skipped"].append(spec.name)
+            continue
+        run_dir = out / "runs" / spec.name
+        try:
+            wall = _run_one(spec, run_dir, root, echo, runner)
+        except RunError as err:
+            outcome["failed"].append(spec.name)
+            tqdm.write(f"[ablation] {spec.name} FAILED: {err}")
+            continue
+        outcome["ran"].append(spec.name)
+        tqdm.write(f"[ablation] {spec.name} done in {wall:.0f} s")
+    bar.close()
+    return outcome
+
+
+def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner) -> float:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "gallery.npz"):  # leftovers of a crashed or stale run
+        (run_dir / name).unlink(missing_ok=True)
+    config_path = run_dir / "config.json"
+    with atomic_open(config_path, "w") as f:
+        json.dump(spec.config, f, indent=2)
+    results_file, wall = runner(root, config_path, run_dir / "pycil.log", echo)
+    try:
+        results = json.loads(Path(results_file).read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"results file {results_file} of {spec.name} unreadable: {err}") from None
+    if results.get("finished") is not True:
+        raise RunError(f"results file {results_file} of {spec.name} is not marked finished")
+    gallery = Path(str(results_file).removesuffix("_results.json") + "_gallery.npz")
+    if gallery.is_file():
+        shutil.copyfile(gallery, run_dir / "gallery.npz")
+    results["ablation"] = {"learner": spec.learner, "variant": spec.variant, "seed": spec.seed,
+                           "launcher_wall_s": round(wall, 2), "pycil_results_file": str(results_file)}
+    with atomic_open(run_dir / "results.json", "w") as f:  # written last: marks the run done
+        json.dump(results, f, indent=2)
+    return wall
+
+
+# ----------------------------------------------------------------------------------- reporting
+
+
+def collect(out: Path) -> list[dict]:
+    """Finished runs in ``<out>/runs`` as the figures module's run dicts, in table order."""
+    runs = []
+    for run_dir in sorted((Path(out) / "runs").glob("*")):
+        m = RUN_NAME.match(run_dir.name)
+        if not m or not (run_dir / "results.json").is_file():
+            continue
+        try:
+            results = json.loads((run_dir / "results.json").read_text())
+        except ValueError:
+            log.warning("ablation: %s has an unreadable results.json; left out", run_dir)
+            continue
+        if results.get("finished") is not True:
+            continue
+        runs.append({"learner": m["learner"], "variant": m["variant"], "seed": int(m["seed"]),
+                     "results": results, "dir": run_dir})
+    learner_order = list(dict.fromkeys(r["learner"] for r in runs))
+    runs.sort(key=lambda r: (learner_order.index(r["learner"]), _variant_rank(r["variant"]), r["seed"]))
+    return runs
+
+
+def aggregate(runs: Sequence[dict]) -> list[dict]:
+    """One row per learner × variant: mean, std and count over seeds of every SUMMARY_METRICS
+    figure, the budget, and the exemplar and wall-time ratios to the learner's "off" row."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["learner"], r["variant"]), []).append(r)
+    rows = []
+    for (learner, variant), members in groups.items():
+        row: dict[str, Any] = {"learner": learner, "variant": variant,
+                               "seeds": " ".join(str(m["seed"]) for m in members), "n_seeds": len(members)}
+        for key, _ in SUMMARY_METRICS:
+            mean, std, _n = mean_std([m["results"].get("summary", {}).get(key) for m in members])
+            row[f"{key}_mean"], row[f"{key}_std"] = mean, std
+        row["budget_bytes"] = members[0]["results"].get("summary", {}).get("budget_bytes")
+        rows.append(row)
+    off = {r["learner"]: r for r in rows if r["variant"] == "off"}
+    for row in rows:
+        base = off.get(row["learner"])
+        for key, name in (("mean_exemplars_per_class", "exemplar_ratio_vs_off"), ("wall_time_s", "wall_ratio_vs_off")):
+            a, b = row[f"{key}_mean"], base[f"{key}_mean"] if base else None
+            row[name] = a / b if a is not None and b else None
+    return rows
+
+
+def per_run_rows(runs: Sequence[dict]) -> list[dict]:
+    rows = []
+    for r in runs:
+        s = r["results"].get("summary", {})
+        rows.append({"learner": r["learner"], "variant": r["variant"], "seed": r["seed"],
+                     **{key: s.get(key) for key, _ in SUMMARY_METRICS}, "budget_bytes": s.get("budget_bytes")})
+    return rows
+
+
+def to_csv(rows: Sequence[dict]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _pm(row: dict, key: str, fmt: str = "{:.2f}") -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "–"
+    return fmt.format(mean) + (" ± " + fmt.format(std) if row["n_seeds"] > 1 else "")
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Mean ± std over seeds, one row per learner × variant."""
+    head = ("| learner | variant | seeds | avg inc. CNN | last CNN | avg inc. NME | last NME | forgetting CNN "
+            "| exemplars/class | ×off | bytes used / budget | wall s | ×off |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        ratio = lambda k: "–" if r.get(k) is None else f"{r[k]:.2f}"  # noqa: E731
+        budget = "–" if r.get("budget_bytes") is None else f"{r['budget_bytes']:,}"
+        used = "–" if r.get("bytes_used_mean") is None else f"{r['bytes_used_mean']:,.0f}"
+        lines.append(
+            f"| {r['learner']} | {r['variant']} | {r['n_seeds']} | {_pm(r, 'avg_incremental_cnn_top1')} "
+            f"| {_pm(r, 'last_cnn_top1')} | {_pm(r, 'avg_incremental_nme_top1')} | {_pm(r, 'last_nme_top1')} "
+            f"| {_pm(r, 'forgetting_cnn')} | {_pm(r, 'mean_exemplars_per_class', '{:.1f}')} "
+            f"| {ratio('exemplar_ratio_vs_off')} | {used} / {budget} | {_pm(r, 'wall_time_s', '{:.0f}')} "
+            f"| {ratio('wall_ratio_vs_off')} |"
+        )
+    return "\n".join(lines)
+
+
+def report(out: Path, figures: bool = True) -> dict[str, Path]:
+    """Write runs.csv, aggregate.csv, aggregate.md and (optionally) the figures from the
+    finished runs in ``out``; returns the written paths by name."""
+    out = Path(out)
+    runs = collect(out)
+    if not runs:
+        raise AblationError(f"no finished runs in {out / 'runs'}")
+    rows = aggregate(runs)
+    written = {}
+    for name, text in (("runs.csv", to_csv(per_run_rows(runs))), ("aggregate.csv", to_csv(rows)),
+                       ("aggregate.md", markdown_table(rows) + "\n")):
+        with atomic_open(out / name, "w") as f:
+            f.write(text)
+        written[name] = out / name
+    if figures:
+        from . import figures as fig
+        import numpy as np
+
+        galleries = {}
+        for r in runs:  # one gallery per learner × plugin variant: its first seed's
+            key = f"{r['learner']}_{r['variant']}"
+            path = r["dir"] / "gallery.npz"
+            if key not in galleries and path.is_file():
+                with np.load(path) as data:
+                    galleries[key] = {k: data[k] for k in data.files}
+        plain = [{k: r[k] for k in ("learner", "variant", "seed", "results")} for r in runs]
+        for path in fig.make_figures(plain, out / "figures", galleries):
+            written[path.name] = path
+    return written
+
+
+def run_ablation(config_paths: Sequence[str | Path], variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (1993,),
+                 out: str | Path = "cim_ablation", root: Path | None = None, force: bool = False,
+                 echo: Callable | None = None, figures: bool = True) -> tuple[dict, dict]:
+    """Plan, validate, run what is missing, report. Returns (outcomes by kind, written files)."""
+    from . import locate
+
+    if root is None:
+        root, reason = locate.find_pycil_root()
+        if root is None:
+            raise AblationError(reason)
+    if not locate.is_patched(root):
+        raise AblationError(f"PyCIL at {root} is not patched: run `cim-plugin patch {root}` first")
+    configs = [load_config(p, Path(root)) for p in config_paths]
+    specs = plan(configs, variants, seeds)
+    check_plan(specs)
+    out = Path(out)
+    print(f"[ablation] {len(specs)} runs ({len(configs)} learner(s) × {len(variants)} variant(s) × {len(seeds)} seed(s)) "
+          f"in {out}; PyCIL at {root}", flush=True)
+    outcome = execute(specs, out, Path(root), force=force, echo=echo)
+    written = report(out, figures=figures) if (outcome["ran"] or outcome["skipped"]) else {}
+    if "aggregate.md" in written:
+        print(written["aggregate.md"].read_text())
+    print(f"[ablation] ran {len(outcome['ran'])}, skipped {len(outcome['skipped'])} already finished, "
+          f"failed {len(outcome['failed'])}" + (f": {', '.join(outcome['failed'])}" if outcome["failed"] else ""))
+    for name, path in written.items():
+        print(f"[ablation] wrote {path}")
+    return outcome, written

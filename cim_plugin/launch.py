@@ -1,0 +1,49 @@
+"""Run PyCIL's own ``main.py`` on a config file, as a subprocess, and find its results file.
+
+Shared by the demo and the ablation runner. The patched trainer prints ``Results written to
+<path>`` at the end of a run (``pycil/results.py``); that line is how a finished run is recognised.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS_MARK = "Results written to "
+
+
+class RunError(RuntimeError):
+    """A PyCIL run could not be made or read (the message says which and where its log is)."""
+
+
+def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path, float]:
+    """Run ``python main.py --config config`` in ``root``, its output into ``log_path``;
+    returns (results file, wall seconds). ``echo(line)`` also receives every output line."""
+    t0 = time.time()
+    results = None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w", buffering=1) as log, subprocess.Popen(
+        [sys.executable, "main.py", "--config", str(Path(config).resolve())],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    ) as proc:
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith(RESULTS_MARK):
+                    results = Path(line[len(RESULTS_MARK):].strip())
+                if echo is not None:
+                    echo(line)
+        except BaseException:  # Ctrl-C or a failing echo: never leave the PyCIL run behind
+            proc.kill()
+            raise
+        code = proc.wait()
+    wall = time.time() - t0
+    if code != 0:
+        raise RunError(f"PyCIL run {Path(config).name} failed with exit code {code}; see {log_path}")
+    if results is None:
+        raise RunError(f"PyCIL run {Path(config).name} printed no results file; is the checkout patched? see {log_path}")
+    return (results if results.is_absolute() else Path(root) / results), wall

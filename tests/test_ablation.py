@@ -1,0 +1,157 @@
+"""The ablation runner without PyCIL: planning, resuming, failures, aggregation (a fake runner
+stands in for PyCIL's main.py; the real runner is tested in test_pycil_integration.py)."""
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from cim_plugin import ablation
+from cim_plugin.launch import RunError
+
+BASE = {"model_name": "icarl", "dataset": "synthetic", "prefix": "mine", "seed": [1], "memory_size": 60,
+        "cim": True, "cim_mask": "pau", "compress_ratio": 4.0, "init_cls": 6, "increment": 4}
+
+
+def fake_results(config: dict) -> dict:
+    """Deterministic, variant- and seed-dependent figures, shaped like pycil/results.py's."""
+    seed = config["seed"][0]
+    plus = {False: 0.0}.get(config["cim"], 10.0 if config.get("cim_mask") == "cam" else 20.0)
+    phases = [
+        {"task": t, "classes": 6 + 4 * t, "cnn_top1": 50.0 + plus + seed - 10 * t, "nme_top1": 40.0 + seed,
+         "memory": {"mean_exemplars_per_class": 6.0 if not config["cim"] else 12.0, "bytes_used": 1000,
+                    "budget_bytes": 1200, "units_used": 50.0, "budget_units": 60}}
+        for t in range(2)
+    ]
+    cnn = [p["cnn_top1"] for p in phases]
+    return {"finished": True, "phases": phases, "summary": {
+        "avg_incremental_cnn_top1": sum(cnn) / 2, "last_cnn_top1": cnn[-1], "avg_incremental_nme_top1": 40.0 + seed,
+        "last_nme_top1": 40.0 + seed, "forgetting_cnn": 5.0, "mean_exemplars_per_class": phases[-1]["memory"]["mean_exemplars_per_class"],
+        "bytes_used": 1000, "budget_bytes": 1200, "wall_time_s": 10.0 * (1 + bool(config["cim"]))}}
+
+
+class FakeRunner:
+    def __init__(self, fail=()):
+        self.calls, self.fail = [], set(fail)
+
+    def __call__(self, root, config_path, log_path, echo):
+        config = json.loads(Path(config_path).read_text())
+        name = Path(config_path).parent.name
+        self.calls.append(name)
+        log_path.write_text("log\n")
+        if name in self.fail:
+            raise RunError(f"{name} crashed; see {log_path}")
+        out = Path(root) / f"{name}_results.json"
+        out.write_text(json.dumps(fake_results(config)))
+        return out, 1.0
+
+
+def test_variant_config_changes_only_the_switches_seed_and_prefix():
+    cfg = ablation.variant_config(BASE, "off", 7)
+    assert cfg["cim"] is False and cfg["seed"] == [7] and cfg["prefix"] == "ablation_off"
+    changed = {k for k in BASE if BASE[k] != cfg.get(k)}
+    assert changed == {"cim", "seed", "prefix"}
+    cam = ablation.variant_config(BASE, "cam", 7)
+    assert cam["cim"] is True and cam["cim_mask"] == "cam" and cam["memory_size"] == BASE["memory_size"]
+    assert BASE["cim_mask"] == "pau"  # the base is not modified
+    with pytest.raises(ablation.AblationError, match="unknown variant 'jpeg'"):
+        ablation.variant_config(BASE, "jpeg", 1)
+
+
+def test_plan_orders_learner_variant_seed_and_rejects_duplicates():
+    der = {**BASE, "model_name": "DER"}
+    specs = ablation.plan([BASE, der], ["pau", "off", "cam"], [2, 1])
+    assert [s.name for s in specs[:6]] == ["icarl_off_s2", "icarl_off_s1", "icarl_cam_s2", "icarl_cam_s1",
+                                           "icarl_pau_s2", "icarl_pau_s1"]
+    assert specs[-1].name == "der_pau_s1" and len(specs) == 12
+    with pytest.raises(ablation.AblationError, match="icarl given more than once"):
+        ablation.plan([BASE, BASE], ["off"], [1])
+    with pytest.raises(ablation.AblationError, match="must not repeat"):
+        ablation.plan([BASE], ["off", "off"], [1])
+    with pytest.raises(ablation.AblationError, match="seed -1"):
+        ablation.plan([BASE], ["off"], [-1])
+
+
+def test_check_plan_names_the_run_and_the_bad_key():
+    bad = {**BASE, "compress_ratio": 3}
+    with pytest.raises(ablation.AblationError, match=r"icarl_cam_s1: .*'compress_ratio' = 3"):
+        ablation.check_plan(ablation.plan([bad], ["cam"], [1]))
+
+
+def test_load_config_errors_name_the_file(tmp_path):
+    with pytest.raises(ablation.AblationError, match="nowhere.json not found"):
+        ablation.load_config(tmp_path / "nowhere.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ablation.AblationError, match="broken.json is not valid JSON"):
+        ablation.load_config(broken)
+    nameless = tmp_path / "nameless.json"
+    nameless.write_text(json.dumps({"dataset": "cifar100"}))
+    with pytest.raises(ablation.AblationError, match="no string 'model_name'"):
+        ablation.load_config(nameless)
+    (tmp_path / "pycil" / "exps").mkdir(parents=True)
+    (tmp_path / "pycil" / "exps" / "x.json").write_text(json.dumps(BASE))
+    assert ablation.load_config("exps/x.json", tmp_path / "pycil")["model_name"] == "icarl"
+
+
+def test_execute_resumes_skips_finished_and_reruns_crashed(tmp_path):
+    specs = ablation.plan([BASE], ["off", "cam"], [1, 2])
+    runner = FakeRunner(fail={"icarl_cam_s2"})
+    out = ablation.execute(specs, tmp_path, tmp_path, runner=runner)
+    assert out == {"skipped": [], "ran": ["icarl_off_s1", "icarl_off_s2", "icarl_cam_s1"], "failed": ["icarl_cam_s2"]}
+    assert not (tmp_path / "runs" / "icarl_cam_s2" / "results.json").exists()
+    saved = json.loads((tmp_path / "runs" / "icarl_off_s1" / "results.json").read_text())
+    assert saved["ablation"] == {"learner": "icarl", "variant": "off", "seed": 1, "launcher_wall_s": 1.0,
+                                 "pycil_results_file": str(tmp_path / "icarl_off_s1_results.json")}
+    # a killed run leaves a results.json that is not finished: it runs again, the others are skipped
+    (tmp_path / "runs" / "icarl_off_s2" / "results.json").write_text(json.dumps({"finished": False}))
+    runner = FakeRunner()
+    out = ablation.execute(specs, tmp_path, tmp_path, runner=runner)
+    assert runner.calls == ["icarl_off_s2", "icarl_cam_s2"]
+    assert out["skipped"] == ["icarl_off_s1", "icarl_cam_s1"] and out["failed"] == []
+
+
+def test_finished_runs_of_another_config_are_not_mixed_in(tmp_path):
+    ablation.execute(ablation.plan([BASE], ["off"], [1]), tmp_path, tmp_path, runner=FakeRunner())
+    changed = ablation.plan([{**BASE, "memory_size": 30}], ["off"], [1])
+    with pytest.raises(ablation.AblationError, match="made with another config .*icarl_off_s1.*--force"):
+        ablation.execute(changed, tmp_path, tmp_path, runner=FakeRunner())
+    runner = FakeRunner()
+    ablation.execute(changed, tmp_path, tmp_path, force=True, runner=runner)
+    assert runner.calls == ["icarl_off_s1"]
+    assert json.loads((tmp_path / "runs" / "icarl_off_s1" / "config.json").read_text())["memory_size"] == 30
+
+
+def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
+    specs = ablation.plan([BASE], ["off", "cam", "pau"], [1, 3])
+    ablation.execute(specs, tmp_path, tmp_path, runner=FakeRunner())
+    written = ablation.report(tmp_path, figures=True)
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "aggregate.csv").read_text())))
+    assert [(r["learner"], r["variant"], r["n_seeds"]) for r in rows] == [("icarl", "off", "2"), ("icarl", "cam", "2"), ("icarl", "pau", "2")]
+    # avg inc. CNN of seed s: 50 + plus + s - 5 -> off 46 / 48, cam 56 / 58, pau 66 / 68
+    assert [float(r["avg_incremental_cnn_top1_mean"]) for r in rows] == [47.0, 57.0, 67.0]
+    assert [float(r["avg_incremental_cnn_top1_std"]) for r in rows] == [1.0, 1.0, 1.0]
+    assert [float(r["exemplar_ratio_vs_off"]) for r in rows] == [1.0, 2.0, 2.0]
+    assert [float(r["wall_ratio_vs_off"]) for r in rows] == [1.0, 2.0, 2.0]
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "| icarl | pau | 2 | 67.00 ± 1.00 |" in md
+    assert len(list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))) == 6
+    assert (tmp_path / "figures" / "accuracy_per_phase.png").stat().st_size > 1000
+    assert "exemplars_vs_bytes.png" in written
+
+
+def test_report_of_an_empty_folder_says_so(tmp_path):
+    with pytest.raises(ablation.AblationError, match="no finished runs"):
+        ablation.report(tmp_path)
+
+
+def test_cli_ablate_reports_a_missing_config_plainly(tmp_path, monkeypatch, capsys):
+    from cim_plugin import cli, locate
+
+    monkeypatch.setattr(locate, "find_pycil_root", lambda: (tmp_path, ""))
+    monkeypatch.setattr(locate, "is_patched", lambda root: True)
+    code = cli.main(["ablate", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "cim-plugin ablate: error: config file" in capsys.readouterr().err
