@@ -33,13 +33,14 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm import tqdm
 
 from .atomic import atomic_open
-from .launch import RunError, run_pycil
+from .config import ABLATION_VARIANTS, SUPPORTED_LEARNERS
+from .launch import RunError, patched_pycil_root, run_pycil
 from .metrics import mean_std
 
 log = logging.getLogger(__name__)
 
 #: The variants in table order: plain exemplars, then the mask sources of CIM's ablation.
-VARIANTS = ("off", "uniform", "random", "cam", "pau")
+VARIANTS = ABLATION_VARIANTS
 #: The run-name pattern of the output folder (learner, variant, seed).
 RUN_NAME = re.compile(r"^(?P<learner>[a-z0-9]+)_(?P<variant>[a-z]+)_s(?P<seed>\d+)$")
 #: Figures summarised per learner × variant: (results.json summary key, column title).
@@ -143,6 +144,10 @@ def check_plan(specs: Iterable[RunSpec]) -> None:
         raise AblationError("config problems:\n  " + "\n  ".join(problems))
 
 
+def _learner_rank(learner: str) -> tuple[int, str]:
+    return (SUPPORTED_LEARNERS.index(learner) if learner in SUPPORTED_LEARNERS else len(SUPPORTED_LEARNERS), learner)
+
+
 def _variant_rank(variant: str) -> tuple[int, str]:
     return (VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS), variant)
 
@@ -238,8 +243,7 @@ def collect(out: Path) -> list[dict]:
             continue
         runs.append({"learner": m["learner"], "variant": m["variant"], "seed": int(m["seed"]),
                      "results": results, "dir": run_dir})
-    learner_order = list(dict.fromkeys(r["learner"] for r in runs))
-    runs.sort(key=lambda r: (learner_order.index(r["learner"]), _variant_rank(r["variant"]), r["seed"]))
+    runs.sort(key=lambda r: (_learner_rank(r["learner"]), _variant_rank(r["variant"]), r["seed"]))
     return runs
 
 
@@ -348,14 +352,10 @@ def run_ablation(config_paths: Sequence[str | Path], variants: Sequence[str] = V
                  out: str | Path = "cim_ablation", root: Path | None = None, force: bool = False,
                  echo: Callable | None = None, figures: bool = True) -> tuple[dict, dict]:
     """Plan, validate, run what is missing, report. Returns (outcomes by kind, written files)."""
-    from . import locate
-
-    if root is None:
-        root, reason = locate.find_pycil_root()
-        if root is None:
-            raise AblationError(reason)
-    if not locate.is_patched(root):
-        raise AblationError(f"PyCIL at {root} is not patched: run `cim-plugin patch {root}` first")
+    try:
+        root = patched_pycil_root(root)
+    except RunError as err:
+        raise AblationError(str(err)) from None
     configs = [load_config(p, Path(root)) for p in config_paths]
     specs = plan(configs, variants, seeds)
     check_plan(specs)

@@ -29,6 +29,11 @@ class UserError(Exception):
     """A problem the user can fix; ``main`` prints the message and exits with status 2."""
 
 
+def _echo(line: str) -> None:
+    """Print a line of a PyCIL run as it comes (``--verbose``)."""
+    print(line, end="", flush=True)
+
+
 # ------------------------------------------------------------------------------------- patch
 
 
@@ -119,7 +124,7 @@ def _run_demo(args) -> int:
 
     from cim_plugin import demo
 
-    echo = (lambda line: print(line, end="", flush=True)) if args.verbose else None
+    echo = _echo if args.verbose else None
     try:
         demo.run_demo(args.learners, Path(args.out), echo=echo, variants=args.variants)
     except demo.DemoError as err:
@@ -159,7 +164,7 @@ def _add_ablate(sub) -> None:
 def _run_ablate(args) -> int:
     from cim_plugin import ablation
 
-    echo = (lambda line: print(line, end="", flush=True)) if args.verbose else None
+    echo = _echo if args.verbose else None
     try:
         outcome, _ = ablation.run_ablation(args.configs, args.variants, args.seeds, args.out, force=args.force,
                                            echo=echo, figures=not args.no_figures)

@@ -18,6 +18,9 @@ from typing import Any, Callable, Mapping
 SUPPORTED_LEARNERS = ("icarl", "der", "foster", "lucir")
 #: Mask sources: how the full-resolution box of an exemplar is chosen.
 MASK_SOURCES = ("pau", "cam", "uniform", "random")
+#: The ablation's variants in table order (method.md §6): plain exemplars, uniform downsampling,
+#: a random box, the CIL model's CAM, CIM with the PAU branch.
+ABLATION_VARIANTS = ("off", "uniform", "random", "cam", "pau")
 #: How the PAU branch's coefficients are trained: the paper's bilevel step, without the inner
 #: step ("joint"), or not at all ("none": frozen at the ReLU fit).
 BILEVEL_MODES = ("bilevel", "joint", "none")

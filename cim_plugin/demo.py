@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import locate
-from .launch import RESULTS_MARK, RunError, run_pycil  # noqa: F401 (RESULTS_MARK: re-exported)
+from .launch import RESULTS_MARK, RunError, patched_pycil_root, run_pycil  # noqa: F401 (RESULTS_MARK: re-exported)
 
 DEMO_LEARNERS = ("icarl", "der", "foster", "lucir")
 #: "off" and "cim" are the demo files as they are; a mask source name runs the "cim" file with
@@ -53,12 +53,7 @@ def demo_config(learner: str, variant: str, out_dir: Path) -> Path:
 
 def run_demo(learners=DEMO_LEARNERS, out_dir: Path | None = None, root: Path | None = None, echo=None,
              variants=VARIANTS) -> list[RunOutcome]:
-    if root is None:
-        root, reason = locate.find_pycil_root()
-        if root is None:
-            raise DemoError(reason)
-    if not locate.is_patched(root):
-        raise DemoError(f"PyCIL at {root} is not patched: run `cim-plugin patch {root}` first")
+    root = patched_pycil_root(root)
     out_dir = Path(out_dir or Path.cwd() / "cim_demo")
     outcomes = []
     for learner in learners:

@@ -59,13 +59,12 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_open
+from .config import ABLATION_VARIANTS
 
 log = logging.getLogger(__name__)
 
-#: Order of the ablation variants in legends and curves (method.md section 6: plain exemplars,
-#: uniform downsampling, random box, fixed-threshold CAM, CIM with PAU branch). Other variant
-#: names come after these, sorted.
-VARIANT_ORDER = ("off", "uniform", "random", "cam", "pau")
+#: Order of the ablation variants in legends and curves; other variant names come after these, sorted.
+VARIANT_ORDER = ABLATION_VARIANTS
 #: Colour of each known variant, the same in every figure and subplot.
 VARIANT_COLOURS = {
     "off": "#4d4d4d",

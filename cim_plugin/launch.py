@@ -19,6 +19,19 @@ class RunError(RuntimeError):
     """A PyCIL run could not be made or read (the message says which and where its log is)."""
 
 
+def patched_pycil_root(root: Path | None = None) -> Path:
+    """``root``, else the PyCIL checkout the plugin finds (PYCIL_ROOT or the recorded one); it must be patched."""
+    from . import locate
+
+    if root is None:
+        root, reason = locate.find_pycil_root()
+        if root is None:
+            raise RunError(reason)
+    if not locate.is_patched(root):
+        raise RunError(f"PyCIL at {root} is not patched: run `cim-plugin patch {root}` first")
+    return Path(root)
+
+
 def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path, float]:
     """Run ``python main.py --config config`` in ``root``, its output into ``log_path``;
     returns (results file, wall seconds). ``echo(line)`` also receives every output line."""

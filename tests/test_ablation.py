@@ -155,3 +155,11 @@ def test_cli_ablate_reports_a_missing_config_plainly(tmp_path, monkeypatch, caps
     code = cli.main(["ablate", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out")])
     assert code == 2
     assert "cim-plugin ablate: error: config file" in capsys.readouterr().err
+
+
+def test_tables_list_learners_in_the_plugin_order_then_variants(tmp_path):
+    der, other = {**BASE, "model_name": "der"}, {**BASE, "model_name": "wa"}
+    ablation.execute(ablation.plan([other, der, BASE], ["pau", "off"], [1]), tmp_path, tmp_path, runner=FakeRunner())
+    rows = ablation.aggregate(ablation.collect(tmp_path))
+    assert [(r["learner"], r["variant"]) for r in rows] == [
+        ("icarl", "off"), ("icarl", "pau"), ("der", "off"), ("der", "pau"), ("wa", "off"), ("wa", "pau")]
