@@ -192,3 +192,17 @@ def test_second_order_gradients_exist():
     (gx,) = torch.autograd.grad(pau(x).pow(2).sum(), x, create_graph=True)
     g2 = torch.autograd.grad(gx.sum(), [pau.numerator, pau.denominator])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in g2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_no_grad_path_is_bit_identical_to_the_graph_path(dtype):
+    pau = PAU()
+    with torch.no_grad():
+        pau.numerator.add_(0.01 * torch.randn(pau.numerator.shape, generator=torch.Generator().manual_seed(1)))
+    x = (4 * torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))).to(dtype)
+    with torch.no_grad():
+        fast = pau(x)
+    graph = pau(x.clone().requires_grad_())
+    assert graph.requires_grad and fast.dtype == graph.dtype == dtype
+    assert torch.equal(fast, graph.detach())
+    assert torch.equal(x, (4 * torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))).to(dtype))  # input untouched

@@ -207,6 +207,27 @@ def _relu_init(num_degree: int, den_degree: int) -> tuple[tuple[float, ...], tup
     return fit.numerator, fit.denominator
 
 
+def _finish(out: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if out_dtype == torch.float16:
+        limit = torch.finfo(torch.float16).max
+        out = out.clamp(-limit, limit)
+    return out.to(out_dtype) if out_dtype.is_floating_point else out
+
+
+def _pau_b_inplace(xc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Version B without autograd: the same operations in the same order as the graph path
+    (bit-identical results), on two buffers updated in place instead of ~20 temporaries."""
+    num = a[-1] * xc
+    num.add_(a[-2])
+    for k in range(a.numel() - 3, -1, -1):
+        num.mul_(xc).add_(a[k])
+    den = b[-1] * xc
+    for k in range(b.numel() - 2, -1, -1):
+        den.add_(b[k]).mul_(xc)
+    den.abs_().add_(1.0)
+    return _finish(num.div_(den), out_dtype)
+
+
 def pau_function(
     x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, version: str = "B"
 ) -> torch.Tensor:
@@ -224,6 +245,9 @@ def pau_function(
         raise ValueError(
             f"need 1-D numerator (≥ 2) and denominator (≥ 1), got {tuple(a.shape)}, {tuple(b.shape)}"
         )
+
+    if version == "B" and not (torch.is_grad_enabled() and (xc.requires_grad or a.requires_grad or b.requires_grad)):
+        return _pau_b_inplace(xc, a, b, out_dtype)  # no graph to keep: two buffers, updated in place
 
     num = a[-1] * xc + a[-2]  # Horner, highest power first
     for k in range(a.numel() - 3, -1, -1):
@@ -246,11 +270,7 @@ def pau_function(
     else:
         raise ValueError(f"PAU version must be 'A' or 'B', got {version!r}")
 
-    out = num / den
-    if out_dtype == torch.float16:
-        limit = torch.finfo(torch.float16).max
-        out = out.clamp(-limit, limit)
-    return out.to(out_dtype) if out_dtype.is_floating_point else out
+    return _finish(num / den, out_dtype)
 
 
 class PAU(nn.Module):

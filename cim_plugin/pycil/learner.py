@@ -229,7 +229,7 @@ class CIMLearnerMixin:
             raw, ok = to_storage(ds.images[sl], ds.use_path, cfg.cim_storage_size)
             chunk = np.tile(np.array([0, raw.shape[1], 0, raw.shape[2]], dtype=np.int64), (len(raw), 1))
             if ok.any():  # unreadable items keep the full-image box (they are never compressed)
-                chunk[ok] = self._cim_boxes(raw[ok], labels[sl][ok])[0].numpy()
+                chunk[ok] = self._cim_boxes(raw[ok], labels[sl][ok], features=False)[0].numpy()
             boxes[sl] = chunk
         aug = self._cim_aug
         aug.boxes = boxes
@@ -238,19 +238,20 @@ class CIMLearnerMixin:
         log.info("CIM: epoch %d, refreshed %d new-class boxes; compressed share now %.2f", epoch, len(boxes), aug.share)
 
     # -- memory side ---------------------------------------------------------------------------
-    def _cim_forward(self, raw: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cim_forward(self, raw: np.ndarray, labels: np.ndarray, features: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Raw CAM (of the CIL model, or of the CIM branch for "pau") and pooled CIL features
-        of uint8 storage images (eval mode, no grad)."""
+        of uint8 storage images (eval mode, no grad). For "pau" the features cost a pass of the
+        CIL model of their own: ``features=False`` skips it (box refreshes need only the CAM)."""
         net = unwrap(self._network)
         x = self._cim_norm(raw, self._device)
         y = torch.as_tensor(labels, dtype=torch.int64, device=self._device)
         with eval_mode(net), torch.no_grad():
             if self._cim_mask.needs_branch:  # the CAM comes from the branch: the CIL pass gives features only
-                feats = maps_and_features(net, x)[1]
+                feats = maps_and_features(net, x)[1] if features else None
                 cam, _ = self._cim_branch_outputs(x, y)
             else:
                 cam, feats = cam_and_features(net, x, y)
-        return cam.cpu(), feats.cpu()
+        return cam.cpu(), None if feats is None else feats.cpu()
 
     # -- the CIM branch (PAU activations, conv/BN shared) and its bilevel steps ------------------
     def _cim_sync_branch(self) -> PAUBranch:
@@ -345,14 +346,14 @@ class CIMLearnerMixin:
         with eval_mode(net), torch.no_grad():
             return extract_vector(net, self._cim_norm(raw, self._device)).cpu()
 
-    def _cim_boxes(self, raw: np.ndarray, labels: np.ndarray):
+    def _cim_boxes(self, raw: np.ndarray, labels: np.ndarray, features: bool = True):
         """Boxes ``[B, 4]`` at storage resolution from the configured mask source, CAM fallback
         flags, and (when the source computes a CAM) the CIL features ``[B, D]`` and raw CAMs
         ``[B, h, w]`` (None otherwise)."""
         cam = feats = None
         images = torch.from_numpy(raw).permute(0, 3, 1, 2)
         if self._cim_mask.needs_cam:
-            cam, feats = self._cim_forward(raw, labels)
+            cam, feats = self._cim_forward(raw, labels, features)
         res = self._cim_mask.boxes(images, torch.as_tensor(labels), (lambda *_: cam) if cam is not None else None)
         return res.boxes, res.fallback, feats, cam
 
