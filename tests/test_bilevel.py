@@ -111,3 +111,37 @@ def test_soft_masks_are_in_unit_range_and_zero_for_degenerate_cams():
     m = soft_masks(cam, (6, 6))
     assert m.shape == (2, 1, 6, 6) and float(m.min()) >= 0 and float(m.max()) <= 1
     assert float(m[1].abs().sum()) == 0
+
+
+def test_a_step_with_a_non_finite_loss_leaves_phi_and_adam_untouched():
+    net, paus, branch_fn, cil_loss, inner, outer, theta = make_problem()
+    phi = list(paus.parameters())
+    before = [p.detach().clone() for p in phi]
+    opt = torch.optim.Adam(phi, lr=0.1)
+    x2, y2 = outer
+    bad_outer = (torch.full_like(x2, float("nan")), y2)
+    parts = mask_step(net, theta, branch_fn, cil_loss, inner, bad_outer, 0.5, phi, opt, BilevelSettings(factor=2))
+    assert parts["skipped"] == 1 and all(torch.equal(a, p) for a, p in zip(before, phi))
+    assert not opt.state  # Adam's moments never saw the bad step
+    parts = mask_step(net, theta, branch_fn, cil_loss, inner, outer, 0.5, phi, opt, BilevelSettings(factor=2))
+    assert parts["skipped"] == 0 and any(not torch.equal(a, p) for a, p in zip(before, phi))
+
+
+def test_bn_batch_statistics_uses_the_batch_and_keeps_running_stats():
+    from cim_plugin.core.bilevel import bn_batch_statistics
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    bn = net[1]
+    saved = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = 5 + 3 * torch.randn(8, 3, 6, 6)
+    with bn_batch_statistics(net):
+        out = net(x)
+        assert bn.training and not net[0].training
+    pre = net[0](x)
+    expect = torch.relu((pre - pre.mean((0, 2, 3), keepdim=True)) / torch.sqrt(pre.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+                        * bn.weight[None, :, None, None] + bn.bias[None, :, None, None])
+    assert torch.allclose(out, expect, atol=1e-5)
+    assert all(torch.equal(saved[k], v) for k, v in bn.state_dict().items())  # running stats, count untouched
+    assert not bn.training and bn.track_running_stats  # flags restored
+    assert not torch.allclose(net(x), out, atol=1e-3)  # eval mode again: running statistics

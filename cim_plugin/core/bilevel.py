@@ -12,12 +12,19 @@ Fast weights go through ``torch.func.functional_call`` over the whole network, s
 layer (downsample convs and BN affine parameters included) is stepped; the classifier is not.
 The branch reads θ detached: the mask is a function of φ only, as in the paper.
 
+BatchNorm: the step is the CIL training step's twin, so ``bn_batch_statistics`` lets BN normalise
+with the batch's own statistics (as in training) without touching the running statistics; with
+running statistics of an early epoch the inner loss on blended images reached 10^3 and the outer
+CE 10^8 or NaN on the synthetic demo. A step whose loss or φ-gradient is not finite is skipped
+(φ unchanged, counted in the returned parts as ``skipped``).
+
 Modes: ``"bilevel"`` (the above), ``"joint"`` (no inner step: φ trained on the outer loss with
 θ itself, i.e. only the branch CE and the regulariser reach φ), ``"none"`` (φ frozen).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -48,6 +55,21 @@ class BilevelSettings:
     def __post_init__(self):
         if self.mode not in BILEVEL_MODES:
             raise ValueError(f"mode must be one of {', '.join(BILEVEL_MODES)}, got {self.mode!r}")
+
+
+@contextlib.contextmanager
+def bn_batch_statistics(net: nn.Module):
+    """Within the block every BatchNorm of ``net`` normalises with batch statistics and leaves its
+    running statistics (and ``num_batches_tracked``) as they are; flags restored afterwards."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.training, m.track_running_stats) for m in bns]
+    for m in bns:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield net
+    finally:
+        for m, training, track in saved:
+            m.training, m.track_running_stats = training, track
 
 
 def soft_masks(cam_raw: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
@@ -116,11 +138,14 @@ def mask_step(
         return {}
     phi = [p for p in phi if p.requires_grad]
     total, parts = outer_loss(net, theta_names, branch_fn, cil_loss, inner, outer, inner_lr, settings)
-    grads = torch.autograd.grad(total, phi, allow_unused=True)
+    grads = torch.autograd.grad(total, phi, allow_unused=True) if torch.isfinite(total) else None
+    if grads is None or not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+        parts.update(skipped=1, total=float(total.detach()))
+        return parts  # φ unchanged: a non-finite step would poison φ and Adam's moments
     for p, g in zip(phi, grads):
         p.grad = torch.zeros_like(p) if g is None else g.detach()
     parts["phi_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(phi, settings.max_phi_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    parts["total"] = float(total.detach())
+    parts.update(skipped=0, total=float(total.detach()))
     return parts

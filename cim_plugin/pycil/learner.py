@@ -31,7 +31,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from ..config import CIMConfig
-from ..core.bilevel import BilevelSettings, mask_step
+from ..core.bilevel import BilevelSettings, bn_batch_statistics, mask_step
 from ..core.branch import PAUBranch
 from ..atomic import atomic_open
 from ..core.cam import class_activation_maps, normalize_cams
@@ -314,16 +314,19 @@ class CIMLearnerMixin:
         net = unwrap(self._network)
         theta = [n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
         loss_fn = cil_loss_for(self)
-        parts = {}
-        with eval_mode(net):
+        parts, skipped = {}, 0
+        with eval_mode(net), bn_batch_statistics(net):  # BN as in the CIL training step; running stats kept
             for _ in range(iters):
                 inner, outer = next(meta["batches"]), next(meta["batches"])
                 parts = mask_step(net, theta, self._cim_branch_outputs, loss_fn, inner, outer,
                                   lr * cfg.lr_ratio, phi, meta["optimizer"], self._cim_bilevel)
                 meta["scheduler"].step()
                 meta["steps"] += 1
+                skipped += parts.get("skipped", 0)
         log.info("CIM mask steps: %d this epoch (%d in phase), %s", iters, meta["steps"],
-                 ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+                 ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "skipped"))
+        if skipped:
+            log.warning("CIM mask steps: %d of %d skipped this epoch (non-finite loss or φ gradient); φ kept", skipped, iters)
 
     def _cim_phase_epochs(self, scheduler: Any) -> int:
         """Epochs of the current training stage, for φ's cosine schedule."""
