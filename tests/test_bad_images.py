@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from cim_plugin.config import CIMConfig
 from cim_plugin.core.memory import CompressedExemplarMemory
@@ -16,6 +15,8 @@ from cim_plugin.pycil.data import (
     load_path_image, scan_images, storage_crop, to_storage,
 )
 from cim_plugin.pycil.learner import CIMLearnerMixin
+
+from fakes import TinyNet
 
 S = 16  # storage side used throughout (small: the tests stay cheap)
 
@@ -193,33 +194,10 @@ def test_augmented_dataset_falls_back_to_pycils_item(files):
 # -- the learner: unreadable files are left out of the candidates / keep the full box ----------
 
 
-class Backbone(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        f = self.relu(self.conv(x))
-        return {"fmaps": [f], "features": f.mean((2, 3))}
-
-
-class Net(nn.Module):
-    feature_dim = 4
-
-    def __init__(self):
-        super().__init__()
-        self.convnet = Backbone()
-        self.fc = nn.Linear(4, 3)
-
-    def extract_vector(self, x):
-        return self.convnet(x)["features"]
-
-
 class FakeBase:
     def __init__(self):
         self._cur_task, self._device, self.args = 0, "cpu", {}
-        self._network = Net()
+        self._network = TinyNet()
 
 
 class Learner(CIMLearnerMixin, FakeBase):

@@ -2,29 +2,12 @@
 
 import numpy as np
 import torch
-from torch import nn
 
 from cim_plugin.config import CIMConfig
 from cim_plugin.pycil.learner import CIMLearnerMixin
 from cim_plugin.core.memory import CompressedExemplarMemory
 
-
-class Backbone(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        f = self.relu(self.conv(x))
-        return {"fmaps": [f], "features": f.mean((2, 3))}
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.convnet = Backbone()
-        self.fc = nn.Linear(4, 3)
+from fakes import TinyNet
 
 
 class FakeLearner:
@@ -32,7 +15,7 @@ class FakeLearner:
 
     def __init__(self):
         self._cur_task, self._device, self.args = 0, "cpu", {}
-        self._network = Net()
+        self._network = TinyNet()
 
     def save_checkpoint(self, filename):
         torch.save({"tasks": self._cur_task, "model_state_dict": self._network.state_dict()}, f"{filename}_{self._cur_task}.pkl")

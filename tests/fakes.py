@@ -1,0 +1,30 @@
+"""A tiny PyCIL-shaped network for learner tests that need no PyCIL (shared by several files)."""
+
+from torch import nn
+
+
+class TinyBackbone(nn.Module):
+    """conv-ReLU with PyCIL's backbone outputs: ``{"fmaps": [last map], "features": pooled}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        f = self.relu(self.conv(x))
+        return {"fmaps": [f], "features": f.mean((2, 3))}
+
+
+class TinyNet(nn.Module):
+    """PyCIL's IncrementalNet layout: ``convnet`` + ``fc`` over 4 features, 3 classes."""
+
+    feature_dim = 4
+
+    def __init__(self):
+        super().__init__()
+        self.convnet = TinyBackbone()
+        self.fc = nn.Linear(4, 3)
+
+    def extract_vector(self, x):
+        return self.convnet(x)["features"]
