@@ -24,7 +24,6 @@ import csv
 import io
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 
 #: The variants in table order: plain exemplars, then the mask sources of CIM's ablation.
 VARIANTS = ABLATION_VARIANTS
-#: The run-name pattern of the output folder (learner, variant, seed).
-RUN_NAME = re.compile(r"^(?P<learner>[a-z0-9]+)_(?P<variant>[a-z]+)_s(?P<seed>\d+)$")
 #: Figures summarised per learner × variant: (results.json summary key, column title).
 SUMMARY_METRICS = (
     ("avg_incremental_cnn_top1", "avg inc. CNN"),
@@ -230,19 +227,17 @@ def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner) -> float:
 def collect(out: Path) -> list[dict]:
     """Finished runs in ``<out>/runs`` as the figures module's run dicts, in table order."""
     runs = []
-    for run_dir in sorted((Path(out) / "runs").glob("*")):
-        m = RUN_NAME.match(run_dir.name)
-        if not m or not (run_dir / "results.json").is_file():
-            continue
+    for path in sorted((Path(out) / "runs").glob("*/results.json")):
         try:
-            results = json.loads((run_dir / "results.json").read_text())
+            results = json.loads(path.read_text())
         except ValueError:
-            log.warning("ablation: %s has an unreadable results.json; left out", run_dir)
+            log.warning("ablation: %s is unreadable; left out", path)
             continue
-        if results.get("finished") is not True:
+        run = results.get("ablation")  # written by _run_one together with the finished results
+        if results.get("finished") is not True or not isinstance(run, dict):
             continue
-        runs.append({"learner": m["learner"], "variant": m["variant"], "seed": int(m["seed"]),
-                     "results": results, "dir": run_dir})
+        runs.append({"learner": run["learner"], "variant": run["variant"], "seed": run["seed"],
+                     "results": results, "dir": path.parent})
     runs.sort(key=lambda r: (_learner_rank(r["learner"]), _variant_rank(r["variant"]), r["seed"]))
     return runs
 

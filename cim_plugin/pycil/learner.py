@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
@@ -34,7 +33,7 @@ from ..config import CIMConfig
 from ..core.bilevel import BilevelSettings, bn_batch_statistics, mask_step
 from ..core.branch import PAUBranch
 from ..atomic import atomic_open
-from ..core.cam import class_activation_maps, normalize_cams
+from ..core.cam import class_activation_maps, normalize_cams, upsample_cams
 from ..core.codec import blend_compress
 from ..core.herding import herding_rank
 from ..core.masks import make_mask_source
@@ -373,11 +372,13 @@ class CIMLearnerMixin:
             log.warning("CIM memory: class %d has no readable image: no exemplars stored", label)
             return 0
         labels = np.full(len(raw), label, dtype=np.int64)
+        in_gallery = label < cfg.cim_gallery
         boxes, clean, stored, cams, fallbacks = [], [], [], [], 0
         for start in range(0, len(raw), cfg.cam_batch_size):
             chunk, lab = raw[start : start + cfg.cam_batch_size], labels[start : start + cfg.cam_batch_size]
             b, fb, feats, cam = self._cim_boxes(chunk, lab)
-            cams.append(cam)
+            if in_gallery:
+                cams.append(cam)
             if feats is None:
                 feats = self._cim_features(chunk)
             compressed = blend_compress(torch.from_numpy(chunk).permute(0, 3, 1, 2), b, mem.factor)
@@ -389,7 +390,7 @@ class CIMLearnerMixin:
         target = torch.cat(clean).mean(dim=0)
         ranked = herding_rank(torch.cat(stored), target, mem.costs_of(boxes_np), budget)
         mem.add_class(label, raw[ranked], boxes_np[ranked], budget)
-        if label < cfg.cim_gallery and len(ranked):
+        if in_gallery and len(ranked):
             first = int(ranked[0])
             cam = None if cams[0] is None else torch.cat(cams)[first : first + 1]
             self._cim_gallery_rows[label] = (raw[first], cam, boxes_np[first], mem.images(label, np.zeros(1, dtype=np.int64))[0])
@@ -407,8 +408,7 @@ class CIMLearnerMixin:
         for i, label in enumerate(labels):
             cam = rows[label][1]
             if cam is not None:
-                norm, _ = normalize_cams(cam.float())
-                cams[i] = F.interpolate(norm[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+                cams[i] = upsample_cams(normalize_cams(cam.float())[0], (h, w))[0].numpy()
         path = Path(f"{run_base(self.args)}_gallery.npz")
         try:
             with atomic_open(path, "wb") as f:
