@@ -1,5 +1,7 @@
 """Fixtures shared by several test files."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_pycil_env(tmp_path):
+    """An environment for subprocesses in which no PyCIL can be found: no PYCIL_ROOT, no CI, no bundle
+    override, and a home and config folder of their own (so no checkout recorded by `cim-plugin patch`)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYCIL_ROOT", "CI", "CIM_PYCIL_BUNDLE") and not k.startswith("GIT_")}
+    (tmp_path / "home").mkdir(exist_ok=True)
+    env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"))
+    return env

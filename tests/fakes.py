@@ -1,4 +1,7 @@
-"""A tiny PyCIL-shaped network for learner tests that need no PyCIL (shared by several files)."""
+"""Fakes for tests: a tiny PyCIL-shaped network for learner tests that need no PyCIL (shared by
+several files), and recording stand-ins for commands such as pip (the CI script's tests)."""
+
+from pathlib import Path
 
 from torch import nn
 
@@ -28,3 +31,16 @@ class TinyNet(nn.Module):
 
     def extract_vector(self, x):
         return self.convnet(x)["features"]
+
+
+def recording_commands(bin_dir: Path, names, log: Path) -> Path:
+    """Executables ``names`` in ``bin_dir`` that only append "NAME ARGS | PYCIL_ROOT=..." to ``log``.
+
+    Put ``bin_dir`` first on PATH and a script's ``pip``/``python`` calls are recorded, never run.
+    """
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        path = bin_dir / name
+        path.write_text(f'#!/bin/sh\necho "{name} $* | PYCIL_ROOT=${{PYCIL_ROOT:-}}" >> "{log}"\n')
+        path.chmod(0o755)
+    return bin_dir

@@ -17,15 +17,14 @@ import pytest
 
 import cim_plugin
 from cim_plugin import PYCIL_COMMIT, cli, locate, patching
+from pycil_checkout import pycil_unavailable, require_pycil_root
 
-PYCIL_ROOT, REASON = locate.find_pycil_root()
-if PYCIL_ROOT is None:
-    pytest.skip(REASON, allow_module_level=True)
+PYCIL_ROOT = require_pycil_root()
 
 if subprocess.run(["git", "-C", str(PYCIL_ROOT), "cat-file", "-e", PYCIL_COMMIT + "^{commit}"],
                   capture_output=True).returncode != 0:
-    pytest.skip(f"PyCIL at {PYCIL_ROOT} is not a git clone that holds commit {PYCIL_COMMIT[:7]}; "
-                f"these tests clone it", allow_module_level=True)
+    pycil_unavailable(f"PyCIL at {PYCIL_ROOT} is not a git clone that holds commit {PYCIL_COMMIT[:7]}; "
+                      f"these tests clone it")
 
 pytestmark = pytest.mark.pycil
 

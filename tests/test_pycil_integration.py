@@ -14,10 +14,9 @@ import pytest
 
 from cim_plugin import PYCIL_COMMIT, locate, patching
 from cim_plugin.demo import RESULTS_MARK
+from pycil_checkout import require_pycil_root
 
-PYCIL_ROOT, REASON = locate.find_pycil_root()
-if PYCIL_ROOT is None:
-    pytest.skip(REASON, allow_module_level=True)
+PYCIL_ROOT = require_pycil_root()
 
 pytestmark = pytest.mark.pycil
 

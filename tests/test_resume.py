@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cim_plugin import locate
+from pycil_checkout import require_pycil_root
 
-PYCIL_ROOT, REASON = locate.find_pycil_root()
-if PYCIL_ROOT is None:
-    pytest.skip(REASON, allow_module_level=True)
+PYCIL_ROOT = require_pycil_root()
 
 from test_pycil_integration import CIM, LEARNER_KEYS, TINY, pycil, results_of, run_main  # noqa: E402,F401 (pycil: fixture)
 
