@@ -17,10 +17,11 @@ from typing import Any, Callable, Mapping
 #: Learners the plugin can extend.
 SUPPORTED_LEARNERS = ("icarl", "der", "foster", "lucir")
 #: Mask sources: how the full-resolution box of an exemplar is chosen.
-MASK_SOURCES = ("pau", "cam", "uniform", "random")
+MASK_SOURCES = ("pau", "cam", "uniform", "random", "oracle")
 #: The ablation's variants in table order (method.md §6): plain exemplars, uniform downsampling,
-#: a random box, the CIL model's CAM, CIM with the PAU branch.
-ABLATION_VARIANTS = ("off", "uniform", "random", "cam", "pau")
+#: a random box, the CIL model's CAM, CIM with the PAU branch, and the true object box (a
+#: diagnostic for datasets that know their objects' boxes).
+ABLATION_VARIANTS = ("off", "uniform", "random", "cam", "pau", "oracle")
 #: How the PAU branch's coefficients are trained: the paper's bilevel step, without the inner
 #: step ("joint"), or not at all ("none": frozen at the ReLU fit).
 BILEVEL_MODES = ("bilevel", "joint", "none")
@@ -132,6 +133,8 @@ class CIMConfig:
     num_meta_iters_per_cls: float = 0.5
     lr_ratio: float = 0.1
     phi_lr: float = 0.01
+    #: Adam weight decay of φ (the official code's 5e-4).
+    phi_weight_decay: float = 5e-4
     max_phi_grad_norm: float = 1.0
     div_coef: float = 0.2
     reg_coef: float = 0.1
@@ -184,6 +187,7 @@ PLUGIN_KEYS: dict[str, Callable[[Any], str | None]] = {
     "num_meta_iters_per_cls": number_in(0.0),
     "lr_ratio": number_in(0.0),
     "phi_lr": number_in(0.0),
+    "phi_weight_decay": number_in(0.0),
     "max_phi_grad_norm": number_in(0.0),
     "div_coef": number_in(0.0),
     "reg_coef": number_in(0.0),

@@ -6,7 +6,10 @@ the paper's ablation (../shared/docs/method.md §6):
 - ``cam``: fixed-threshold CAM of the CIL model (tight box of ``CAM > mask_threshold``);
 - ``uniform``: no box at all — the whole image is downsampled (MRDC-like many-shot);
 - ``random``: a box of the size the CAM box would have had, at a uniformly random position;
-- ``pau``: CIM — the thresholded CAM of the mask branch (PAU activations, conv/BN shared).
+- ``pau``: CIM — the thresholded CAM of the mask branch (PAU activations, conv/BN shared);
+- ``oracle``: the dataset's own object box, grid-aligned (a diagnostic, for datasets that know
+  where their objects are, e.g. the synthetic set): it separates "localisation fails" from
+  "compression hurts" at the same bytes.
 
 The CAM itself comes from a ``cam_fn(images, labels) -> raw CAM [B, h, w]`` supplied by whoever
 knows the network (the PyCIL adapter), so the same sources serve any backbone — and the CIM
@@ -20,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .boxes import cam_to_boxes, random_boxes_like
+from .boxes import align_boxes, cam_to_boxes, random_boxes_like
 from .cam import normalize_cams
 
 CamFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,13 +43,16 @@ class MaskSource:
     name = "base"
     needs_cam = True
     needs_branch = False
+    #: Whether ``boxes`` needs the true object boxes (``truth``) of the images.
+    needs_truth = False
 
     def __init__(self, factor: int, threshold: float = 0.6, generator: torch.Generator | None = None):
         self.factor = int(factor)
         self.threshold = float(threshold)
         self.generator = generator
 
-    def boxes(self, images: torch.Tensor, labels: torch.Tensor, cam_fn: CamFn | None) -> BoxResult:
+    def boxes(self, images: torch.Tensor, labels: torch.Tensor, cam_fn: CamFn | None,
+              truth: torch.Tensor | None = None) -> BoxResult:
         raise NotImplementedError(f"{type(self).__name__} must implement boxes()")
 
     def _cam_boxes(self, images: torch.Tensor, labels: torch.Tensor, cam_fn: CamFn | None) -> BoxResult:
@@ -61,7 +67,7 @@ class MaskSource:
 class CamMaskSource(MaskSource):
     name = "cam"
 
-    def boxes(self, images, labels, cam_fn):
+    def boxes(self, images, labels, cam_fn, truth=None):
         return self._cam_boxes(images, labels, cam_fn)
 
 
@@ -76,7 +82,7 @@ class UniformMaskSource(MaskSource):
     name = "uniform"
     needs_cam = False
 
-    def boxes(self, images, labels, cam_fn=None):
+    def boxes(self, images, labels, cam_fn=None, truth=None):
         n = images.shape[0]
         return BoxResult(torch.zeros(n, 4, dtype=torch.int64), torch.zeros(n, dtype=torch.bool))
 
@@ -84,14 +90,33 @@ class UniformMaskSource(MaskSource):
 class RandomMaskSource(MaskSource):
     name = "random"
 
-    def boxes(self, images, labels, cam_fn):
+    def boxes(self, images, labels, cam_fn, truth=None):
         res = self._cam_boxes(images, labels, cam_fn)
         moved = random_boxes_like(res.boxes, tuple(images.shape[-2:]), self.factor, self.generator)
         return BoxResult(moved, res.fallback)
 
 
+class OracleMaskSource(MaskSource):
+    """The true object box of each image (``truth``, int ``[B, 4]`` (y0, y1, x0, x1) in pixels of
+    the images), expanded outward to the downsampling grid. No CAM, no fallback."""
+
+    name = "oracle"
+    needs_cam = False
+    needs_truth = True
+
+    def boxes(self, images, labels, cam_fn=None, truth=None):
+        if truth is None:
+            raise ValueError("mask source 'oracle' needs the true object boxes: only datasets that know where "
+                             "their objects are (the synthetic set) support it")
+        truth = torch.as_tensor(truth, dtype=torch.int64)
+        if truth.shape != (images.shape[0], 4):
+            raise ValueError(f"truth boxes must be [{images.shape[0]}, 4], got shape {tuple(truth.shape)}")
+        boxes = align_boxes(truth, tuple(images.shape[-2:]), self.factor)
+        return BoxResult(boxes, torch.zeros(images.shape[0], dtype=torch.bool))
+
+
 MASK_SOURCES: dict[str, type[MaskSource]] = {
-    cls.name: cls for cls in (PauMaskSource, CamMaskSource, UniformMaskSource, RandomMaskSource)
+    cls.name: cls for cls in (PauMaskSource, CamMaskSource, UniformMaskSource, RandomMaskSource, OracleMaskSource)
 }
 
 

@@ -52,7 +52,7 @@ VERSION = 1
 #: Attributes that belong to the run or to one phase's data, never saved nor restored.
 TRANSIENT = frozenset(
     {"args", "data_manager", "train_loader", "test_loader", "_device", "_multiple_gpus",
-     "_cim", "_cim_bilevel", "_cim_dm", "_cim_train_items", "_cim_train_set", "_cim_meta",
+     "_cim", "_cim_bilevel", "_cim_dm", "_cim_train_items", "_cim_train_truth", "_cim_phase_diag", "_cim_meta",
      "_cim_seconds"}
 )
 TRANSIENT_PREFIXES = ("_results", "_ckpt")

@@ -330,11 +330,10 @@ class PluginDataManager:
         if getattr(dataset, "use_path", False):
             dataset = RobustPathDataset(dataset)
         if source == "train" and mode == "train":
-            dataset = self._learner._cim_wrap_train_dataset(dataset)
+            truth = self.new_class_object_boxes(indices) if m_rate is None else None
+            dataset = self._learner._cim_wrap_train_dataset(dataset, truth if truth is not None and len(truth) == len(dataset) else None)
         if memory is not None and len(memory):
             dataset = ConcatDataset([dataset, memory.as_dataset(dataset.trsf)])
-        if source == "train" and mode == "train":
-            self._learner._cim_train_set = dataset
         return (*result[:-1], dataset) if ret_data else dataset
 
     def class_items(self, label: int) -> tuple[Sequence, np.ndarray]:
@@ -344,9 +343,39 @@ class PluginDataManager:
         items = data[idx] if isinstance(data, np.ndarray) else [data[i] for i in idx]
         return items, idx
 
+    def object_boxes(self, positions: np.ndarray) -> np.ndarray | None:
+        """True object boxes (int64 ``[n, 4]``, pixels of the stored image) of the training items
+        at ``positions``, or None when the dataset does not know where its objects are."""
+        boxes = object_boxes_of(self._dm._train_data)
+        return None if boxes is None else boxes[np.asarray(positions, dtype=np.int64)]
+
+    def new_class_object_boxes(self, indices: Sequence[int]) -> np.ndarray | None:
+        """True boxes of the training set PyCIL's ``get_dataset(indices, "train", ...)`` builds
+        (classes in the order given, items of a class in data order), or None."""
+        if object_boxes_of(self._dm._train_data) is None:
+            return None
+        positions = [np.where(self._dm._train_targets == c)[0] for c in indices]
+        return self.object_boxes(np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64))
+
 
 # ---------------------------------------------------------------------------------------------
 # Datasets registered by name
+
+#: (training images, their true object boxes) of the dataset the plugin loaded last in this
+#: process (the synthetic set knows its boxes). PyCIL's DataManager keeps the iData's
+#: ``train_data`` array itself, so the boxes are found again by identity (``object_boxes_of``).
+_OBJECT_BOXES: list = []
+
+
+def register_object_boxes(train_data: Any, boxes: np.ndarray) -> None:
+    _OBJECT_BOXES[:] = [train_data, np.asarray(boxes, dtype=np.int64)]
+
+
+def object_boxes_of(train_data: Any) -> np.ndarray | None:
+    """The true boxes registered for exactly this ``train_data`` object, or None."""
+    if _OBJECT_BOXES and _OBJECT_BOXES[0] is train_data:
+        return _OBJECT_BOXES[1]
+    return None
 
 
 def synthetic_idata(args: dict) -> Any:
@@ -375,6 +404,7 @@ def synthetic_idata(args: dict) -> Any:
             self.train_data, self.train_targets = data.train_x, data.train_y
             self.test_data, self.test_targets = data.test_x, data.test_y
             self.class_names = data.class_names
+            register_object_boxes(self.train_data, data.train_boxes)
 
     return iSynthetic()
 

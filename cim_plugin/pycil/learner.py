@@ -27,14 +27,16 @@ import torch
 from tqdm import tqdm
 
 from torch.func import functional_call
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from ..config import CIMConfig
 from ..core.bilevel import BilevelSettings, bn_batch_statistics, mask_step
 from ..core.branch import PAUBranch
 from ..atomic import atomic_open
 from ..core.cam import class_activation_maps, normalize_cams, upsample_cams
+from ..core.boxes import box_area_fraction
 from ..core.codec import blend_compress
+from ..core.diagnostics import box_recall, image_mse, psnr_db, recall_area_curve
 from ..core.herding import herding_rank
 from ..core.masks import make_mask_source
 from ..core.memory import CompressedExemplarMemory
@@ -82,11 +84,15 @@ class CIMLearnerMixin:
         self._cim_mask = make_mask_source(cfg.cim_mask, cfg.downsample_factor, cfg.mask_threshold, cfg.seed)
         self._cim_dm: PluginDataManager | None = None
         self._cim_train_items: Any = None
-        self._cim_train_set: Any = None
         self._cim_branch: PAUBranch | None = None
         self._cim_meta: dict = {}
         self._cim_seconds: defaultdict[str, float] = defaultdict(float)  # CIM's own work, per phase
         self._cim_gallery_rows: dict[int, tuple] = {}
+        self._cim_train_truth: np.ndarray | None = None  # true object boxes of the new-class training set
+        #: Per class, per stored exemplar in ranked order: box recall, box area, reconstruction
+        #: MSE (datasets that know their object boxes; cut with the memory, see diagnostics()).
+        self._cim_stored_diag: dict[int, dict[str, np.ndarray]] = {}
+        self._cim_phase_diag: dict[str, Any] = {}
         self._cim_bilevel = BilevelSettings(
             factor=cfg.downsample_factor, div_coef=cfg.div_coef, reg_coef=cfg.reg_coef,
             max_phi_grad_norm=cfg.max_phi_grad_norm, mode=cfg.cim_bilevel,
@@ -98,6 +104,7 @@ class CIMLearnerMixin:
         self._cim_dm = dm
         self._cim_aug.reset()
         self._cim_meta = {}
+        self._cim_phase_diag = {}
         if self._cim_memory is None:
             shape = storage_shape(dm, self._cim.cim_storage_size)
             self._cim_memory = CompressedExemplarMemory(shape, self._cim.compress_ratio)
@@ -111,14 +118,6 @@ class CIMLearnerMixin:
     @property
     def exemplar_size(self) -> int:
         return 0 if self._cim_memory is None else len(self._cim_memory)
-
-    @property
-    def samples_old_class(self) -> int:
-        """FOSTER's per-class count of old samples (class-balanced weights): the real mean count."""
-        mem = self._cim_memory
-        if mem is None or not len(mem):
-            return super().samples_old_class
-        return max(1, int(round(len(mem) / max(1, len(mem.labels)))))
 
     def _init_train(self, train_loader, test_loader, optimizer, scheduler):
         return super()._init_train(train_loader, test_loader, optimizer, self._cim_hooked(scheduler))
@@ -198,9 +197,11 @@ class CIMLearnerMixin:
             self._cim_memory.load_state_dict(meta)
 
     # -- training-set side ---------------------------------------------------------------------
-    def _cim_wrap_train_dataset(self, dataset):
-        """PyCIL's new-class training set, with the artefact augmentation attached."""
+    def _cim_wrap_train_dataset(self, dataset, truth: np.ndarray | None = None):
+        """PyCIL's new-class training set, with the artefact augmentation attached; ``truth``: the
+        items' true object boxes when the dataset knows them (diagnostics, the oracle source)."""
         self._cim_train_items = dataset
+        self._cim_train_truth = truth
         return ArtefactAugmentedDataset(dataset, self._cim_aug, self._cim.cim_storage_size)
 
     def _cim_hooked(self, scheduler):
@@ -220,7 +221,7 @@ class CIMLearnerMixin:
         cfg = self._cim
         if self._cim_train_items is None or cfg.randombbxblur_prob_incre <= 0:
             return
-        ds = self._cim_train_items
+        ds, truth = self._cim_train_items, self._cim_train_truth
         labels = np.asarray(ds.labels, dtype=np.int64)
         boxes = np.zeros((len(labels), 4), dtype=np.int64)
         for start in range(0, len(labels), cfg.cam_batch_size):
@@ -228,8 +229,16 @@ class CIMLearnerMixin:
             raw, ok = to_storage(ds.images[sl], ds.use_path, cfg.cim_storage_size)
             chunk = np.tile(np.array([0, raw.shape[1], 0, raw.shape[2]], dtype=np.int64), (len(raw), 1))
             if ok.any():  # unreadable items keep the full-image box (they are never compressed)
-                chunk[ok] = self._cim_boxes(raw[ok], labels[sl][ok], features=False)[0].numpy()
+                t = None if truth is None else truth[sl][ok]
+                chunk[ok] = self._cim_boxes(raw[ok], labels[sl][ok], features=False, truth=t)[0].numpy()
             boxes[sl] = chunk
+        if truth is not None:
+            size = raw.shape[1:3]
+            self._cim_phase_diag["augmentation"] = {
+                "epoch": epoch,
+                "mean_box_recall": float(box_recall(torch.from_numpy(boxes), torch.from_numpy(truth)).mean()),
+                "mean_box_area": float(box_area_fraction(torch.from_numpy(boxes), size).mean()),
+            }
         aug = self._cim_aug
         aug.boxes = boxes
         aug.refreshes += 1
@@ -284,17 +293,26 @@ class CIMLearnerMixin:
         logits = net.fc(feat)["logits"]  # the CIL classifier on the branch's features
         return class_activation_maps(fmap, classifier_weight(net).detach(), y), logits
 
+    def _cim_meta_set(self):
+        """The mask steps' data: the phase's clean new-class images (PyCIL's own dataset, without
+        the artefact augmentation) plus the compressed memory, as the official code's loader."""
+        mem, new = self._cim_memory, self._cim_train_items
+        if mem is not None and len(mem):
+            return ConcatDataset([new, mem.as_dataset(new.trsf)])
+        return new
+
     def _cim_meta_batches(self):
-        """Endless (x, y) batches of the phase's training set (new classes + memory)."""
-        loader = DataLoader(self._cim_train_set, batch_size=self._cim.meta_batch_size, shuffle=True,
-                            num_workers=0, drop_last=len(self._cim_train_set) > self._cim.meta_batch_size)
+        """Endless (x, y) batches of ``_cim_meta_set`` (new classes + memory)."""
+        data = self._cim_meta_set()
+        loader = DataLoader(data, batch_size=self._cim.meta_batch_size, shuffle=True,
+                            num_workers=0, drop_last=len(data) > self._cim.meta_batch_size)
         while True:
             for _, x, y in loader:
                 yield x.to(self._device), torch.as_tensor(y, dtype=torch.int64).to(self._device)
 
     def _cim_mask_steps(self, scheduler: Any) -> None:
         cfg, meta = self._cim, self._cim_meta
-        if self._cim_train_set is None:
+        if self._cim_train_items is None:
             return
         branch = self._cim_sync_branch()
         phi = branch.trainable_parameters()
@@ -303,7 +321,7 @@ class CIMLearnerMixin:
         n_new = self._total_classes - self._known_classes
         iters = max(1, int(round(n_new * cfg.num_meta_iters_per_cls)))
         if "optimizer" not in meta:
-            meta["optimizer"] = torch.optim.Adam(phi, lr=cfg.phi_lr)
+            meta["optimizer"] = torch.optim.Adam(phi, lr=cfg.phi_lr, weight_decay=cfg.phi_weight_decay)
             meta["scheduler"] = torch.optim.lr_scheduler.CosineAnnealingLR(
                 meta["optimizer"], T_max=max(1, iters * self._cim_phase_epochs(scheduler))
             )
@@ -314,7 +332,12 @@ class CIMLearnerMixin:
         theta = [n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
         loss_fn = cil_loss_for(self)
         parts, skipped = {}, 0
-        with eval_mode(net), bn_batch_statistics(net):  # BN as in the CIL training step; running stats kept
+        with eval_mode(net), contextlib.ExitStack() as stack:
+            # BN as in the CIL training step: the backbone being trained normalises with batch
+            # statistics (running stats kept); frozen old backbones (DER, FOSTER) stay in eval mode
+            for bb in backbones(net):
+                if any(p.requires_grad for p in bb.parameters()):
+                    stack.enter_context(bn_batch_statistics(bb))
             for _ in range(iters):
                 inner, outer = next(meta["batches"]), next(meta["batches"])
                 parts = mask_step(net, theta, self._cim_branch_outputs, loss_fn, inner, outer,
@@ -348,22 +371,27 @@ class CIMLearnerMixin:
         with eval_mode(net), torch.no_grad():
             return extract_vector(net, self._cim_norm(raw, self._device)).cpu()
 
-    def _cim_boxes(self, raw: np.ndarray, labels: np.ndarray, features: bool = True):
+    def _cim_boxes(self, raw: np.ndarray, labels: np.ndarray, features: bool = True, truth: np.ndarray | None = None):
         """Boxes ``[B, 4]`` at storage resolution from the configured mask source, CAM fallback
         flags, and (when the source computes a CAM) the CIL features ``[B, D]`` and raw CAMs
-        ``[B, h, w]`` (None otherwise)."""
+        ``[B, h, w]`` (None otherwise). ``truth``: the true object boxes (``oracle`` needs them)."""
         cam = feats = None
         images = torch.from_numpy(raw).permute(0, 3, 1, 2)
         if self._cim_mask.needs_cam:
             cam, feats = self._cim_forward(raw, labels, features)
-        res = self._cim_mask.boxes(images, torch.as_tensor(labels), (lambda *_: cam) if cam is not None else None)
+        if self._cim_mask.needs_truth and truth is None:
+            raise ValueError(f"cim_mask '{self._cim.cim_mask}' needs true object boxes: dataset "
+                             f"'{self.args.get('dataset')}' does not provide them (the synthetic set does)")
+        res = self._cim_mask.boxes(images, torch.as_tensor(labels), (lambda *_: cam) if cam is not None else None,
+                                   truth=None if truth is None else torch.as_tensor(truth))
         return res.boxes, res.fallback, feats, cam
 
     def _cim_fill_class(self, dm: PluginDataManager, label: int, budget: float) -> int:
         """Herd compressed exemplars of one new class into the memory; returns CAM fallbacks."""
         cfg, mem = self._cim, self._cim_memory
-        items, _ = dm.class_items(label)
+        items, positions = dm.class_items(label)
         raw, ok = to_storage(items, dm.use_path, cfg.cim_storage_size)
+        truth = dm.object_boxes(positions[ok])
         if not ok.all():
             log.warning("CIM memory: class %d: %d of %d images unreadable, left out of the candidates",
                         label, int((~ok).sum()), len(ok))
@@ -373,11 +401,13 @@ class CIMLearnerMixin:
             return 0
         labels = np.full(len(raw), label, dtype=np.int64)
         in_gallery = label < cfg.cim_gallery
+        keep_cams = in_gallery or truth is not None
         boxes, clean, stored, cams, fallbacks = [], [], [], [], 0
         for start in range(0, len(raw), cfg.cam_batch_size):
-            chunk, lab = raw[start : start + cfg.cam_batch_size], labels[start : start + cfg.cam_batch_size]
-            b, fb, feats, cam = self._cim_boxes(chunk, lab)
-            if in_gallery:
+            sl = slice(start, start + cfg.cam_batch_size)
+            chunk, lab = raw[sl], labels[sl]
+            b, fb, feats, cam = self._cim_boxes(chunk, lab, truth=None if truth is None else truth[sl])
+            if keep_cams:
                 cams.append(cam)
             if feats is None:
                 feats = self._cim_features(chunk)
@@ -390,11 +420,62 @@ class CIMLearnerMixin:
         target = torch.cat(clean).mean(dim=0)
         ranked = herding_rank(torch.cat(stored), target, mem.costs_of(boxes_np), budget)
         mem.add_class(label, raw[ranked], boxes_np[ranked], budget)
+        all_cams = None if not cams or cams[0] is None else torch.cat(cams)
+        if truth is not None:
+            self._cim_record_diagnostics(label, raw, ranked, boxes_np, truth, all_cams)
         if in_gallery and len(ranked):
             first = int(ranked[0])
-            cam = None if cams[0] is None else torch.cat(cams)[first : first + 1]
+            cam = None if all_cams is None else all_cams[first : first + 1]
             self._cim_gallery_rows[label] = (raw[first], cam, boxes_np[first], mem.images(label, np.zeros(1, dtype=np.int64))[0])
         return fallbacks
+
+    def _cim_record_diagnostics(self, label, raw, ranked, boxes, truth, cams) -> None:
+        """Box recall / area / reconstruction error of one class's ranked exemplars, and the
+        recall / area curve over τ of its candidates' CAMs (when the source computes one)."""
+        ranked = np.asarray(ranked, dtype=np.int64)
+        size = raw.shape[1:3]
+        stored_boxes, stored_truth = torch.from_numpy(boxes[ranked]), torch.from_numpy(truth[ranked])
+        recon = self._cim_memory.images(label)[: len(ranked)]
+        self._cim_stored_diag[label] = {
+            "recall": box_recall(stored_boxes, stored_truth).numpy(),
+            "area": box_area_fraction(stored_boxes, size).numpy(),
+            "mse": image_mse(torch.from_numpy(raw[ranked]), torch.from_numpy(recon)).numpy(),
+        }
+        if cams is not None:
+            norm, _ = normalize_cams(cams.float())
+            curve = recall_area_curve(norm, torch.from_numpy(truth), size, self._cim_memory.factor)
+            acc = self._cim_phase_diag.setdefault("tau_curve_sums", {"n": 0, "rows": None})
+            n = len(truth)
+            if acc["rows"] is None:
+                acc["rows"] = [{k: (v if k == "tau" else v * n) for k, v in r.items()} for r in curve]
+            else:
+                for row, r in zip(acc["rows"], curve):
+                    for k in ("mean_box_area", "mean_recall", "fallback_share"):
+                        row[k] += r[k] * n
+            acc["n"] += n
+
+    def cim_diagnostics(self) -> dict | None:
+        """This phase's diagnostics (datasets that know their object boxes), or None:
+        ``stored`` (over every exemplar in the memory now), ``augmentation`` (last box refresh of
+        the new classes) and ``tau_curve`` (this phase's new-class candidates)."""
+        mem = self._cim_memory
+        if mem is None or not self._cim_stored_diag:
+            return None
+        counts = mem.counts()
+        parts = [{k: v[: counts.get(label, 0)] for k, v in d.items()} for label, d in self._cim_stored_diag.items()]
+        recall, area, mse = (np.concatenate([p[k] for p in parts]) for k in ("recall", "area", "mse"))
+        out: dict[str, Any] = {"stored": {
+            "exemplars": int(len(recall)),
+            "mean_box_recall": float(recall.mean()) if len(recall) else None,
+            "mean_box_area": float(area.mean()) if len(area) else None,
+            "psnr_db": psnr_db(float(mse.mean())) if len(mse) else None,
+        }}
+        if "augmentation" in self._cim_phase_diag:
+            out["augmentation"] = self._cim_phase_diag["augmentation"]
+        acc = self._cim_phase_diag.get("tau_curve_sums")
+        if acc and acc["n"]:
+            out["tau_curve"] = [{k: (v if k == "tau" else v / acc["n"]) for k, v in r.items()} for r in acc["rows"]]
+        return out
 
     def _cim_write_gallery(self) -> None:
         """``<log>_gallery.npz``: per gallery class its top-ranked exemplar as original, CAM

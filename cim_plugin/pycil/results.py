@@ -96,6 +96,30 @@ def format_memory(m: dict) -> str:
     )
 
 
+def old_new_accuracy(y_pred: np.ndarray, y_true: np.ndarray, known: int) -> dict:
+    """Top-1 (%) on the classes learnt before this phase (``old``, labels < ``known``) and on this
+    phase's classes (``new``); None where a group has no test sample."""
+    top1 = np.asarray(y_pred)[:, 0] if np.ndim(y_pred) == 2 else np.asarray(y_pred)
+    y_true = np.asarray(y_true)
+    out = {}
+    for name, sel in (("old", y_true < known), ("new", y_true >= known)):
+        out[name] = round(float((top1[sel] == y_true[sel]).mean() * 100), 2) if sel.any() else None
+    return out
+
+
+def format_diagnostics(d: dict) -> str:
+    st = d["stored"]
+    text = (f"box diagnostics: stored exemplars recall {st['mean_box_recall']:.3f} at area {st['mean_box_area']:.3f}, "
+            f"PSNR {'inf' if st['psnr_db'] is None else format(st['psnr_db'], '.1f')} dB")
+    if "augmentation" in d:
+        a = d["augmentation"]
+        text += f"; augmentation boxes recall {a['mean_box_recall']:.3f} at area {a['mean_box_area']:.3f}"
+    if "tau_curve" in d:
+        text += "; tau curve (tau: area/recall) " + ", ".join(
+            f"{r['tau']:.1f}: {r['mean_box_area']:.2f}/{r['mean_recall']:.2f}" for r in d["tau_curve"])
+    return text
+
+
 class ResultsMixin:
     """Records accuracies and memory figures per phase into a results.json beside PyCIL's log."""
 
@@ -122,7 +146,10 @@ class ResultsMixin:
         out = super()._evaluate(y_pred, y_true)
         args = self.args
         n_tasks = self._cur_task + 1
-        self._results_evals.append(per_task_accuracy(y_pred, y_true, int(args["init_cls"]), int(args["increment"]), n_tasks))
+        self._results_evals.append({
+            "tasks": per_task_accuracy(y_pred, y_true, int(args["init_cls"]), int(args["increment"]), n_tasks),
+            **old_new_accuracy(y_pred, y_true, self._known_classes),
+        })
         return out
 
     def eval_task(self, *args, **kwargs):
@@ -137,8 +164,12 @@ class ResultsMixin:
             "cnn_grouped": _jsonable(cnn["grouped"]),
             "nme_top1": None if nme is None else float(nme["top1"]),
             "nme_grouped": None if nme is None else _jsonable(nme["grouped"]),
-            "cnn_task_accuracy": evals[0] if evals else None,
-            "nme_task_accuracy": evals[1] if nme is not None and len(evals) > 1 else None,
+            "cnn_task_accuracy": evals[0]["tasks"] if evals else None,
+            "nme_task_accuracy": evals[1]["tasks"] if nme is not None and len(evals) > 1 else None,
+            "cnn_old_top1": evals[0]["old"] if evals else None,
+            "cnn_new_top1": evals[0]["new"] if evals else None,
+            "nme_old_top1": evals[1]["old"] if nme is not None and len(evals) > 1 else None,
+            "nme_new_top1": evals[1]["new"] if nme is not None and len(evals) > 1 else None,
         }
         return cnn, nme
 
@@ -151,6 +182,10 @@ class ResultsMixin:
     def after_task(self):
         out = super().after_task()
         phase = {**self._results_pending, "memory": self._results_memory(), "elapsed_s": round(time.time() - self._results_t0, 2)}
+        diagnostics = getattr(self, "cim_diagnostics", None)
+        if callable(diagnostics) and (diag := diagnostics()) is not None:
+            phase["diagnostics"] = diag
+            log.info("Task %s %s", phase.get("task"), format_diagnostics(diag))
         seconds = getattr(self, "_cim_seconds", None)
         if seconds is not None:  # CIM's own work in this phase (plugin on)
             phase["cim_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
