@@ -12,6 +12,14 @@ Output folder layout::
                                           /gallery.npz    exemplar gallery (plugin variants)
     <out>/runs.csv, aggregate.csv, aggregate.md, figures/*.png
 
+Shared first phase (``shared_first_phase``, the CLI's default): for each learner and seed the
+``off`` run trains phase 0 and writes its checkpoint (``cim_checkpoint``), copied to
+``runs/<learner>_off_s<seed>/first_phase.pt``; every other variant of that learner and seed starts
+from it (``cim_first_phase_from``, see pycil/first_phase.py) and builds its own memory from the
+same model, so the table compares memories rather than first-phase luck. The report then splits
+the gain into the first phase (identical by construction) and the later phases, and gives old-
+and new-class accuracy per phase. ``shared_first_phase=False`` runs every variant independently.
+
 Resuming: a run whose ``results.json`` says ``finished`` and whose ``config.json`` equals the
 planned config is skipped; any other run (never started, crashed, killed) is run again from the
 start. A finished run made with another config is an error unless ``force`` is given (then it is
@@ -50,6 +58,13 @@ SUMMARY_METRICS = (
     ("mean_exemplars_per_class", "exemplars/class"),
     ("bytes_used", "bytes used"),
     ("wall_time_s", "wall s"),
+    ("first_phase_cnn_top1", "first-phase CNN"),
+    ("later_phases_avg_cnn_top1", "later phases CNN"),
+    ("later_phases_old_cnn_top1", "later old CNN"),
+    ("later_phases_new_cnn_top1", "later new CNN"),
+    ("stored_box_recall", "box recall"),
+    ("stored_box_area", "box area"),
+    ("stored_psnr_db", "PSNR dB"),
 )
 
 
@@ -91,24 +106,44 @@ def load_config(path: str | Path, pycil_root: Path | None = None) -> dict:
     return config
 
 
-def variant_config(base: dict, variant: str, seed: int) -> dict:
-    """The base config with the variant's plugin switches and one seed; nothing else changes."""
+#: File in the off run's folder holding its phase-0 checkpoint (shared first phase).
+FIRST_PHASE_FILE = "first_phase.pt"
+
+
+def run_dir_of(out: Path, learner: str, variant: str, seed: int) -> Path:
+    return Path(out) / "runs" / RunSpec(learner, variant, seed, {}).name
+
+
+def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None = None) -> dict:
+    """The base config with the variant's plugin switches and one seed; nothing else changes.
+    ``first_phase``: the shared phase-0 checkpoint (shared-first-phase mode): the off run writes
+    it (``cim_checkpoint``), the other variants start from it (``cim_first_phase_from``)."""
     if variant not in VARIANTS:
         raise AblationError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    config = {k: v for k, v in base.items() if k not in ("config", "logfilename")}
+    config = {k: v for k, v in base.items() if k not in ("config", "logfilename", "cim_first_phase_from")}
     config["seed"] = [int(seed)]
     config["prefix"] = f"ablation_{variant}"
     if variant == "off":
         config["cim"] = False
     else:
         config.update(cim=True, cim_mask=variant)
+    if first_phase is not None:
+        if variant == "off":
+            config["cim_checkpoint"] = True
+        else:
+            config["cim_first_phase_from"] = str(first_phase)
     return config
 
 
-def plan(configs: Sequence[dict], variants: Sequence[str], seeds: Sequence[int]) -> list[RunSpec]:
-    """Runs in order learner → variant → seed; one config per learner."""
+def plan(configs: Sequence[dict], variants: Sequence[str], seeds: Sequence[int],
+         shared_first_phase_in: Path | None = None) -> list[RunSpec]:
+    """Runs in order learner → variant → seed; one config per learner. ``shared_first_phase_in``:
+    the ablation's output folder, for the shared-first-phase mode (see the module docstring)."""
     if not configs or not variants or not seeds:
         raise AblationError("an ablation needs at least one config, one variant and one seed")
+    if shared_first_phase_in is not None and "off" not in variants:
+        raise AblationError("a shared first phase is trained by the 'off' variant: add it to the variants "
+                            "(or run the variants independently)")
     learners = [str(c["model_name"]).lower() for c in configs]
     dupes = sorted({name for name in learners if learners.count(name) > 1})
     if dupes:
@@ -118,8 +153,13 @@ def plan(configs: Sequence[dict], variants: Sequence[str], seeds: Sequence[int])
     for seed in seeds:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise AblationError(f"seed {seed!r} must be an integer >= 0")
+    def first_phase(learner: str, seed: int) -> Path | None:
+        if shared_first_phase_in is None:
+            return None
+        return (run_dir_of(shared_first_phase_in, learner, "off", seed) / FIRST_PHASE_FILE).resolve()
+
     return [
-        RunSpec(learner, variant, seed, variant_config(config, variant, seed))
+        RunSpec(learner, variant, seed, variant_config(config, variant, seed, first_phase(learner, seed)))
         for learner, config in zip(learners, configs)
         for variant in sorted(variants, key=_variant_rank)
         for seed in seeds
@@ -133,8 +173,10 @@ def check_plan(specs: Iterable[RunSpec]) -> None:
 
     problems = []
     for spec in specs:
+        # the shared first phase is written by the off run of the same ablation: checked when used
+        config = {k: v for k, v in spec.config.items() if k != "cim_first_phase_from"}
         try:
-            check_args({**spec.config, "seed": spec.seed})  # PyCIL hands each run one seed
+            check_args({**config, "seed": spec.seed})  # PyCIL hands each run one seed
         except ConfigError as err:
             problems.append(f"{spec.name}: " + "; ".join(err.problems))
     if problems:
@@ -199,7 +241,7 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
 
 def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("results.json", "gallery.npz"):  # leftovers of a crashed or stale run
+    for name in ("results.json", "gallery.npz", FIRST_PHASE_FILE):  # leftovers of a crashed or stale run
         (run_dir / name).unlink(missing_ok=True)
     config_path = run_dir / "config.json"
     with atomic_open(config_path, "w") as f:
@@ -211,10 +253,18 @@ def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner) -> float:
         raise RunError(f"results file {results_file} of {spec.name} unreadable: {err}") from None
     if results.get("finished") is not True:
         raise RunError(f"results file {results_file} of {spec.name} is not marked finished")
-    gallery = Path(str(results_file).removesuffix("_results.json") + "_gallery.npz")
+    base = str(results_file).removesuffix("_results.json")
+    gallery = Path(base + "_gallery.npz")
     if gallery.is_file():
         shutil.copyfile(gallery, run_dir / "gallery.npz")
+    if spec.variant == "off" and spec.config.get("cim_checkpoint"):  # the shared first phase
+        first = Path(base + "_ckpt") / "task_0.pt"
+        if not first.is_file():
+            raise RunError(f"{spec.name} wrote no phase-0 checkpoint {first} for the shared first phase")
+        with atomic_open(run_dir / FIRST_PHASE_FILE, "wb") as f, open(first, "rb") as src:
+            shutil.copyfileobj(src, f)
     results["ablation"] = {"learner": spec.learner, "variant": spec.variant, "seed": spec.seed,
+                           "shared_first_phase": bool(spec.config.get("cim_first_phase_from") or spec.config.get("cim_checkpoint")),
                            "launcher_wall_s": round(wall, 2), "pycil_results_file": str(results_file)}
     with atomic_open(run_dir / "results.json", "w") as f:  # written last: marks the run done
         json.dump(results, f, indent=2)
@@ -312,6 +362,26 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def gain_table(rows: Sequence[dict]) -> str:
+    """The gain split: first phase vs later phases (Δ to the learner's off row), old- and
+    new-class accuracy of the later phases, and the stored boxes' diagnostics."""
+    head = ("| learner | variant | first-phase CNN | later phases CNN | Δ later vs off | later old CNN | later new CNN "
+            "| box recall | box area | PSNR dB |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    off = {r["learner"]: r for r in rows if r["variant"] == "off"}
+    for r in rows:
+        base = off.get(r["learner"])
+        a = r.get("later_phases_avg_cnn_top1_mean")
+        b = base.get("later_phases_avg_cnn_top1_mean") if base else None
+        delta = "–" if a is None or b is None or r is base else f"{a - b:+.2f}"
+        lines.append(
+            f"| {r['learner']} | {r['variant']} | {_pm(r, 'first_phase_cnn_top1')} | {_pm(r, 'later_phases_avg_cnn_top1')} "
+            f"| {delta} | {_pm(r, 'later_phases_old_cnn_top1')} | {_pm(r, 'later_phases_new_cnn_top1')} "
+            f"| {_pm(r, 'stored_box_recall', '{:.3f}')} | {_pm(r, 'stored_box_area', '{:.3f}')} | {_pm(r, 'stored_psnr_db', '{:.1f}')} |"
+        )
+    return "\n".join(lines)
+
+
 def report(out: Path, figures: bool = True) -> dict[str, Path]:
     """Write runs.csv, aggregate.csv, aggregate.md and (optionally) the figures from the
     finished runs in ``out``; returns the written paths by name."""
@@ -322,7 +392,7 @@ def report(out: Path, figures: bool = True) -> dict[str, Path]:
     rows = aggregate(runs)
     written = {}
     for name, text in (("runs.csv", to_csv(per_run_rows(runs))), ("aggregate.csv", to_csv(rows)),
-                       ("aggregate.md", markdown_table(rows) + "\n")):
+                       ("aggregate.md", markdown_table(rows) + "\n\n" + gain_table(rows) + "\n")):
         with atomic_open(out / name, "w") as f:
             f.write(text)
         written[name] = out / name
@@ -345,18 +415,21 @@ def report(out: Path, figures: bool = True) -> dict[str, Path]:
 
 def run_ablation(config_paths: Sequence[str | Path], variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (1993,),
                  out: str | Path = "cim_ablation", root: Path | None = None, force: bool = False,
-                 echo: Callable | None = None, figures: bool = True) -> tuple[dict, dict]:
+                 echo: Callable | None = None, figures: bool = True,
+                 shared_first_phase: bool = True) -> tuple[dict, dict]:
     """Plan, validate, run what is missing, report. Returns (outcomes by kind, written files)."""
     try:
         root = patched_pycil_root(root)
     except RunError as err:
         raise AblationError(str(err)) from None
     configs = [load_config(p, Path(root)) for p in config_paths]
-    specs = plan(configs, variants, seeds)
-    check_plan(specs)
     out = Path(out)
+    specs = plan(configs, variants, seeds, out if shared_first_phase else None)
+    check_plan(specs)
     print(f"[ablation] {len(specs)} runs ({len(configs)} learner(s) × {len(variants)} variant(s) × {len(seeds)} seed(s)) "
-          f"in {out}; PyCIL at {root}", flush=True)
+          f"in {out}; PyCIL at {root}; "
+          + ("first phase shared per learner and seed (trained by 'off')" if shared_first_phase else "independent runs"),
+          flush=True)
     outcome = execute(specs, out, Path(root), force=force, echo=echo)
     written = report(out, figures=figures) if (outcome["ran"] or outcome["skipped"]) else {}
     if "aggregate.md" in written:

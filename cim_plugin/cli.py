@@ -156,6 +156,9 @@ def _add_ablate(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995], help="default: 1993 1994 1995")
     p.add_argument("--out", default="cim_ablation", help="output folder (default: ./cim_ablation)")
     p.add_argument("--force", action="store_true", help="run again finished runs whose config changed")
+    p.add_argument("--independent", action="store_true",
+                   help="train every variant's first phase itself (default: the 'off' run of each learner and seed "
+                        "trains phase 0 once and every variant starts from that model, building its own memory)")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     p.add_argument("--verbose", action="store_true", help="echo PyCIL's output while it runs")
     p.set_defaults(func=_run_ablate)
@@ -167,7 +170,8 @@ def _run_ablate(args) -> int:
     echo = _echo if args.verbose else None
     try:
         outcome, _ = ablation.run_ablation(args.configs, args.variants, args.seeds, args.out, force=args.force,
-                                           echo=echo, figures=not args.no_figures)
+                                           echo=echo, figures=not args.no_figures,
+                                           shared_first_phase=not args.independent)
     except ablation.AblationError as err:
         raise UserError(str(err)) from None
     return 1 if outcome["failed"] else 0

@@ -145,6 +145,9 @@ class CIMConfig:
     cim_checkpoint: bool = False
     #: Continue from the checkpoints of an earlier run with the same log name (see pycil/checkpoint.py).
     cim_resume: bool = False
+    #: A phase-0 checkpoint (``<log>_ckpt/task_0.pt`` of a run with the same learner, data and
+    #: backbone) to start from instead of training phase 0 (see pycil/first_phase.py).
+    cim_first_phase_from: str | None = None
     model_name: str = ""
     seed: int = 1993
 
@@ -193,6 +196,7 @@ PLUGIN_KEYS: dict[str, Callable[[Any], str | None]] = {
     "reg_coef": number_in(0.0),
     "cim_checkpoint": boolean,
     "cim_resume": boolean,
+    "cim_first_phase_from": path_text,
     "data_root": path_text,
     "cim_check_images": boolean,
     "cim_seed": boolean,

@@ -29,7 +29,8 @@ def fake_results(config: dict) -> dict:
     return {"finished": True, "phases": phases, "summary": {
         "avg_incremental_cnn_top1": sum(cnn) / 2, "last_cnn_top1": cnn[-1], "avg_incremental_nme_top1": 40.0 + seed,
         "last_nme_top1": 40.0 + seed, "forgetting_cnn": 5.0, "mean_exemplars_per_class": phases[-1]["memory"]["mean_exemplars_per_class"],
-        "bytes_used": 1000, "budget_bytes": 1200, "wall_time_s": 10.0 * (1 + bool(config["cim"]))}}
+        "bytes_used": 1000, "budget_bytes": 1200, "wall_time_s": 10.0 * (1 + bool(config["cim"])),
+        "first_phase_cnn_top1": cnn[0], "later_phases_avg_cnn_top1": cnn[1]}}
 
 
 class FakeRunner:
@@ -45,6 +46,9 @@ class FakeRunner:
             raise RunError(f"{name} crashed; see {log_path}")
         out = Path(root) / f"{name}_results.json"
         out.write_text(json.dumps(fake_results(config)))
+        if config.get("cim_checkpoint"):  # as the checkpoint mixin names its files
+            (Path(root) / f"{name}_ckpt").mkdir(exist_ok=True)
+            (Path(root) / f"{name}_ckpt" / "task_0.pt").write_bytes(f"phase 0 of {name}".encode())
         return out, 1.0
 
 
@@ -103,7 +107,7 @@ def test_execute_resumes_skips_finished_and_reruns_crashed(tmp_path):
     assert out == {"skipped": [], "ran": ["icarl_off_s1", "icarl_off_s2", "icarl_cam_s1"], "failed": ["icarl_cam_s2"]}
     assert not (tmp_path / "runs" / "icarl_cam_s2" / "results.json").exists()
     saved = json.loads((tmp_path / "runs" / "icarl_off_s1" / "results.json").read_text())
-    assert saved["ablation"] == {"learner": "icarl", "variant": "off", "seed": 1, "launcher_wall_s": 1.0,
+    assert saved["ablation"] == {"learner": "icarl", "variant": "off", "seed": 1, "shared_first_phase": False, "launcher_wall_s": 1.0,
                                  "pycil_results_file": str(tmp_path / "icarl_off_s1_results.json")}
     # a killed run leaves a results.json that is not finished: it runs again, the others are skipped
     (tmp_path / "runs" / "icarl_off_s2" / "results.json").write_text(json.dumps({"finished": False}))
@@ -163,3 +167,39 @@ def test_tables_list_learners_in_the_plugin_order_then_variants(tmp_path):
     rows = ablation.aggregate(ablation.collect(tmp_path))
     assert [(r["learner"], r["variant"]) for r in rows] == [
         ("icarl", "off"), ("icarl", "pau"), ("der", "off"), ("der", "pau"), ("wa", "off"), ("wa", "pau")]
+
+
+def test_shared_first_phase_off_writes_it_and_the_variants_start_from_it(tmp_path):
+    specs = ablation.plan([BASE], ["cam", "off"], [1, 2], shared_first_phase_in=tmp_path)
+    by = {s.name: s.config for s in specs}
+    assert [s.name for s in specs][:2] == ["icarl_off_s1", "icarl_off_s2"]  # off first: it trains phase 0
+    assert by["icarl_off_s1"]["cim_checkpoint"] is True and "cim_first_phase_from" not in by["icarl_off_s1"]
+    first = tmp_path.resolve() / "runs" / "icarl_off_s2" / ablation.FIRST_PHASE_FILE
+    assert by["icarl_cam_s2"]["cim_first_phase_from"] == str(first)
+    full = {**BASE, "shuffle": True, "convnet_type": "resnet18", "device": ["-1"]}
+    ablation.check_plan(ablation.plan([full], ["cam", "off"], [1], shared_first_phase_in=tmp_path))  # file not there yet: fine
+    out = ablation.execute(specs, tmp_path, tmp_path, runner=FakeRunner())
+    assert out["failed"] == [] and first.read_bytes() == b"phase 0 of icarl_off_s2"
+    saved = json.loads((tmp_path / "runs" / "icarl_cam_s1" / "results.json").read_text())
+    assert saved["ablation"]["shared_first_phase"] is True
+    with pytest.raises(ablation.AblationError, match="'off' variant"):
+        ablation.plan([BASE], ["cam"], [1], shared_first_phase_in=tmp_path)
+
+
+def test_shared_first_phase_off_without_checkpoint_is_a_failed_run(tmp_path):
+    class NoCheckpoint(FakeRunner):
+        def __call__(self, root, config_path, log_path, echo):
+            config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "cim_checkpoint": False}))
+            return super().__call__(root, config_path, log_path, echo)
+
+    specs = ablation.plan([BASE], ["off"], [1], shared_first_phase_in=tmp_path)
+    out = ablation.execute(specs, tmp_path, tmp_path, runner=NoCheckpoint())
+    assert out["failed"] == ["icarl_off_s1"]
+
+
+def test_gain_table_splits_first_and_later_phases_against_off(tmp_path):
+    ablation.execute(ablation.plan([BASE], ["off", "cam"], [1, 2]), tmp_path, tmp_path, runner=FakeRunner())
+    table = ablation.gain_table(ablation.aggregate(ablation.collect(tmp_path)))
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in table.splitlines()[2:]}
+    assert rows["cam"][2] == "61.50 ± 0.50" and rows["cam"][4] == "+10.00"  # later phases: 51.5 vs 41.5
+    assert rows["off"][4] == "–"

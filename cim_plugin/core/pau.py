@@ -26,7 +26,9 @@ rational function cannot have different slopes at ±∞): it approximates ReLU o
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -37,6 +39,7 @@ __all__ = [
     "PAU",
     "PadeFit",
     "pau_function",
+    "use_fused_pau",
     "fit_relu_coefficients",
     "pade_max_error",
     "RELU_INIT_NUMERATOR",
@@ -215,8 +218,9 @@ def _finish(out: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 def _pau_b_inplace(xc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Version B without autograd: the same operations in the same order as the graph path
-    (bit-identical results), on two buffers updated in place instead of ~20 temporaries."""
+    """Version B without autograd, reference implementation (``use_fused_pau(False)``): the same
+    operations in the same order as the autograd graph path (bit-identical results), on two
+    buffers updated in place instead of ~20 temporaries."""
     num = a[-1] * xc
     num.add_(a[-2])
     for k in range(a.numel() - 3, -1, -1):
@@ -228,27 +232,64 @@ def _pau_b_inplace(xc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_dtype
     return _finish(num.div_(den), out_dtype)
 
 
-def pau_function(
-    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, version: str = "B"
-) -> torch.Tensor:
-    """The safe PAU as a function of its input and coefficients (what :class:`PAU` calls).
+# ------------------------------------------------------------------------------------------------
+# fused version B: one autograd node per call, hand-written first-order backward
+# ------------------------------------------------------------------------------------------------
 
-    Computes in ``promote_types(x.dtype, float32)`` (fp16/bf16 upcast, float64 kept), returns
-    ``x``'s dtype (fp16 results clamped to ±65504). Differentiable to any order in all three.
-    """
-    out_dtype = x.dtype
-    compute = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
-    xc = x.to(compute)
-    a = numerator.to(compute)
-    b = denominator.to(compute)
-    if a.ndim != 1 or b.ndim != 1 or a.numel() < 2 or b.numel() < 1:
-        raise ValueError(
-            f"need 1-D numerator (≥ 2) and denominator (≥ 1), got {tuple(a.shape)}, {tuple(b.shape)}"
-        )
+_FUSED = True
 
-    if version == "B" and not (torch.is_grad_enabled() and (xc.requires_grad or a.requires_grad or b.requires_grad)):
-        return _pau_b_inplace(xc, a, b, out_dtype)  # no graph to keep: two buffers, updated in place
 
+@contextlib.contextmanager
+def use_fused_pau(enabled: bool = True) -> Iterator[None]:
+    """Within the block, version-B PAUs run on the fused implementation (``True``, the default
+    outside any block) or on the reference one (``False``: per-op autograd graph, and the in-place
+    no-grad path of the same operations). Both compute the same function and gradients up to float
+    round-off; the switch exists for benchmarks and tests. Not thread-local."""
+    global _FUSED
+    before = _FUSED
+    _FUSED = bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSED = before
+
+
+def _horner(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_k c[k]·x^k (``c`` 1-D, ascending) by Horner's scheme into one new buffer shaped like ``x``:
+    one fused multiply-add pass (``addcmul`` with ``out=``) per coefficient after the first two."""
+    if c.numel() == 1:
+        return torch.empty_like(x).fill_(c[0])
+    out = torch.addcmul(c[-2], x, c[-1])
+    for k in range(c.numel() - 3, -1, -1):
+        torch.addcmul(c[k], out, x, out=out)
+    return out
+
+
+def _pade_b_parts(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N(x), D(x)) with D(x) = b_1 x + … + b_n x^n, each in a new buffer."""
+    den = _horner(b, x).mul_(x)
+    return _horner(a, x), den
+
+
+def _pade_b_nograd(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The fused forward without a graph: the very operations of :class:`_SafePadeB`'s forward
+    (bit-identical values), on two buffers."""
+    num, den = _pade_b_parts(x, a, b)
+    return num.div_(den.abs_().add_(1.0))
+
+
+def _power_sums(t: torch.Tensor, x: torch.Tensor, count: int, first_power: int) -> torch.Tensor:
+    """``[Σ t·x^k for k = first_power … first_power + count − 1]``; overwrites ``t`` (owned)."""
+    for _ in range(first_power):
+        t.mul_(x)
+    sums = [t.sum()]
+    for _ in range(count - 1):
+        sums.append(t.mul_(x).sum())
+    return torch.stack(sums)
+
+
+def _pade_graph(xc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, version: str) -> torch.Tensor:
+    """The PAU as a graph of elementary differentiable ops (any order, either version)."""
     num = a[-1] * xc + a[-2]  # Horner, highest power first
     for k in range(a.numel() - 3, -1, -1):
         num = num * xc + a[k]
@@ -269,8 +310,90 @@ def pau_function(
         den = 1.0 + den
     else:
         raise ValueError(f"PAU version must be 'A' or 'B', got {version!r}")
+    return num / den
 
-    return _finish(num / den, out_dtype)
+
+class _SafePadeB(torch.autograd.Function):
+    """P(x) = N(x) / (1 + |D(x)|) as a single autograd node.
+
+    Forward: two Horner passes and a division, ~12 elementwise passes instead of ~20 graph nodes
+    with their saved temporaries. First-order backward (the only order the CIM mask step needs of
+    the branch: θ is read detached there, so the inner ``create_graph`` gradient never reaches the
+    PAUs) from the saved N, D, Q = 1 + |D|, with s = sgn(D) (0 at D = 0, as ``abs``'s backward),
+    r = g/Q and w = g·N·s/Q²:
+
+        ∂/∂x   = r·N'(x) − w·D'(x)
+        ∂/∂a_k = Σ r·x^k               (k = 0 … m)
+        ∂/∂b_k = −Σ w·x^k              (k = 1 … n)
+
+    N' and D' by Horner on the coefficients k·a_k, k·b_k; the sums by repeated multiplication of one
+    buffer by x. Only the gradients in ``needs_input_grad`` are computed. Higher orders: when the
+    backward itself is recorded (``create_graph=True``) it recomputes the PAU from its inputs as an
+    ordinary graph (:func:`_pade_graph`) and differentiates that, so double backward is exact (and
+    as slow as before); the saved intermediates are never part of a higher-order graph.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        num, den = _pade_b_parts(x, a, b)
+        q = torch.abs(den).add_(1.0)
+        ctx.save_for_backward(x, a, b, num, den, q)
+        return torch.div(num, q)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, a, b, num, den, q = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a recomputed graph
+            inputs = [t for t, need in zip((x, a, b), (need_x, need_a, need_b)) if need]
+            with torch.enable_grad():
+                out = _pade_graph(x, a, b, "B")
+            grads = iter(torch.autograd.grad(out, inputs, g, create_graph=True, allow_unused=True))
+            return tuple(next(grads) if need else None for need in (need_x, need_a, need_b))
+        gx = ga = gb = None
+        r = torch.div(g, q)
+        w = None
+        if need_x or need_b:
+            w = torch.mul(r, num).div_(q).mul_(torch.sign(den))
+        if need_x:
+            m, n = a.numel() - 1, b.numel()
+            dnum = _horner(a[1:] * torch.arange(1, m + 1, dtype=a.dtype, device=a.device), x)
+            dden = _horner(b * torch.arange(1, n + 1, dtype=b.dtype, device=b.device), x)
+            gx = dnum.mul_(r).addcmul_(w, dden, value=-1.0)
+        if need_a:
+            ga = _power_sums(r, x, a.numel(), 0)
+        if need_b:
+            gb = _power_sums(w, x, b.numel(), 1).neg_()
+        return gx, ga, gb
+
+
+def pau_function(
+    x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, version: str = "B"
+) -> torch.Tensor:
+    """The safe PAU as a function of its input and coefficients (what :class:`PAU` calls).
+
+    Computes in ``promote_types(x.dtype, float32)`` (fp16/bf16 upcast, float64 kept), returns
+    ``x``'s dtype (fp16 results clamped to ±65504). Differentiable to any order in all three.
+    """
+    out_dtype = x.dtype
+    compute = torch.promote_types(x.dtype, torch.float32) if x.is_floating_point() else torch.float32
+    xc = x.to(compute)
+    a = numerator.to(compute)
+    b = denominator.to(compute)
+    if a.ndim != 1 or b.ndim != 1 or a.numel() < 2 or b.numel() < 1:
+        raise ValueError(
+            f"need 1-D numerator (≥ 2) and denominator (≥ 1), got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+
+    if version not in ("A", "B"):
+        raise ValueError(f"PAU version must be 'A' or 'B', got {version!r}")
+    graph = torch.is_grad_enabled() and (xc.requires_grad or a.requires_grad or b.requires_grad)
+    if version == "B" and _FUSED:
+        out = _SafePadeB.apply(xc, a, b) if graph else _pade_b_nograd(xc, a, b)
+        return _finish(out, out_dtype)
+    if version == "B" and not graph:
+        return _pau_b_inplace(xc, a, b, out_dtype)  # no graph to keep: two buffers, updated in place
+    return _finish(_pade_graph(xc, a, b, version), out_dtype)
 
 
 class PAU(nn.Module):

@@ -18,12 +18,14 @@ switches torch to deterministic algorithms (see ``cim_plugin/seeding.py``). Plug
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from ..config import CIMConfig, ConfigError
 from ..seeding import seed_everything, set_deterministic
 from .data import FOLDER_DATASETS, folder_problems, imagenet_idata, synthetic_idata, synthetic_spec
 from .checkpoint import CheckpointMixin
+from .first_phase import FirstPhaseMixin
 from .checks import folder_class_count, pycil_problems
 from .hparams import apply_module_hparams
 from .learner import CIMLearnerMixin
@@ -63,6 +65,9 @@ def check_args(args: dict) -> CIMConfig:
         else:
             problems += folder_problems(args["data_root"])
             num_classes = folder_class_count(args["data_root"]) or None
+    first = args.get("cim_first_phase_from")
+    if isinstance(first, str) and first.strip() and not Path(first).expanduser().is_file():
+        problems.append(f"key 'cim_first_phase_from' = {first!r}: no such checkpoint file")
     problems += pycil_problems(args, num_classes, image_size)
     if problems:
         raise ConfigError(problems, source)
@@ -126,11 +131,12 @@ def wrap_learner(model: Any, args: dict) -> Any:
     """Compose the plugin's mixins in front of the learner's own class."""
     cfg = _RUN.get("config") or check_args(args)
     apply_module_hparams(args)
-    mixins = (ResultsMixin, CheckpointMixin, CIMLearnerMixin) if cfg.cim else (ResultsMixin, CheckpointMixin)
+    mixins = (ResultsMixin, CheckpointMixin, FirstPhaseMixin, CIMLearnerMixin) if cfg.cim else (ResultsMixin, CheckpointMixin, FirstPhaseMixin)
     base = type(model)
     model.__class__ = type(f"{base.__name__}With{''.join(m.__name__.replace('Mixin', '') for m in mixins)}", (*mixins, base), {})
     model._results_setup(args, cfg.cim_storage_size)
     model._ckpt_setup(args, cfg.cim_checkpoint, cfg.cim_resume)
+    model._first_phase_setup(args, cfg.cim_first_phase_from)
     if cfg.cim:
         model._cim_setup(cfg)
     return model

@@ -350,6 +350,22 @@ class CIMLearnerMixin:
         if skipped:
             log.warning("CIM mask steps: %d of %d skipped this epoch (non-finite loss or φ gradient); φ kept", skipped, iters)
 
+    def cim_first_phase_steps(self, scheduler: Any) -> None:
+        """Phase 0 loaded from a shared checkpoint (``cim_first_phase_from``): give φ the mask
+        steps the phase's epochs would have had, θ frozen; the inner step size follows the
+        learner's own lr schedule (stepped once per epoch as its training loop would)."""
+        if not (self._cim_mask.needs_branch and self._cim_bilevel.mode != "none"):
+            return
+        import warnings
+
+        epochs = self._cim_phase_epochs(scheduler)
+        with self._cim_timed("mask_steps"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")  # no optimizer.step: θ stays
+            for _ in range(epochs):
+                scheduler.step()
+                self._cim_mask_steps(scheduler)
+        log.info("CIM: first phase loaded; φ trained with %d mask steps over %d epochs", self._cim_meta.get("steps", 0), epochs)
+
     def _cim_phase_epochs(self, scheduler: Any) -> int:
         """Epochs of the current training stage, for φ's cosine schedule."""
         t_max = getattr(scheduler, "T_max", None)

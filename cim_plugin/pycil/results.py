@@ -209,6 +209,13 @@ class ResultsMixin:
             for k, v in p.get("cim_seconds", {}).items():
                 cim_seconds[k] = round(cim_seconds.get(k, 0.0) + v, 2)
         self._results["accuracy_matrix"] = {k: v for k, v in matrices.items() if v}
+        later = phases[1:]
+        stored = (phases[-1].get("diagnostics") or {}).get("stored", {}) if phases else {}
+
+        def later_mean(key: str) -> float | None:
+            values = [p[key] for p in later if p.get(key) is not None]
+            return float(np.mean(values)) if values else None
+
         self._results["summary"] = {
             "phases": len(phases),
             "avg_incremental_cnn_top1": float(np.mean(cnn)) if cnn else None,
@@ -225,6 +232,15 @@ class ResultsMixin:
             "budget_bytes": phases[-1]["memory"]["budget_bytes"] if phases else None,
             "wall_time_s": round(time.time() - self._results_t0, 2),
             "cim_seconds": cim_seconds or None,
+            # the gain split: phase 0 (before any exemplar is replayed) and the phases after it
+            "first_phase_cnn_top1": cnn[0] if cnn else None,
+            "later_phases_avg_cnn_top1": later_mean("cnn_top1"),
+            "later_phases_old_cnn_top1": later_mean("cnn_old_top1"),
+            "later_phases_new_cnn_top1": later_mean("cnn_new_top1"),
+            "first_phase_from": self.args.get("cim_first_phase_from") if hasattr(self, "args") else None,
+            "stored_box_recall": stored.get("mean_box_recall"),
+            "stored_box_area": stored.get("mean_box_area"),
+            "stored_psnr_db": stored.get("psnr_db"),
         }
         write_json_atomic(self._results_file, self._results)
 

@@ -1,0 +1,67 @@
+"""Start a run from another run's trained first phase (key ``cim_first_phase_from``).
+
+Comparing memories at tiny scale is swamped by first-phase noise: two runs that differ only in
+how they store exemplars already differ by several points after phase 0, before any exemplar
+exists. With ``"cim_first_phase_from": "<dir>/task_0.pt"`` (a phase-0 checkpoint written with
+``cim_checkpoint`` by a run of the same learner, dataset, class order and backbone) the learner's
+phase-0 training (``_init_train``) is replaced by loading that checkpoint's network and RNG
+states. Everything after it is the run's own: it builds its own memory from the shared model
+(plugin off: PyCIL's herding; on: its mask source's boxes and budget-consuming herding), and
+trains every later phase as usual. What CIM would have learnt in phase 0 besides θ is trained on
+top: for ``cim_mask: "pau"`` the PAU coefficients φ get the mask steps the phase would have had
+(``CIMLearnerMixin.cim_first_phase_steps``: the phase's epochs × steps per epoch, with the inner
+step size from the learner's own lr schedule, θ frozen). Not reproduced: the artefact augmentation
+of phase-0 training images (it would change θ, which is shared on purpose).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, map_location, set_rng_states
+
+log = logging.getLogger(__name__)
+
+#: Keys that must agree between the checkpoint's run and this one for the network to fit.
+SHARED_KEYS = ("model_name", "dataset", "init_cls", "increment", "convnet_type", "seed", "shuffle")
+
+
+class FirstPhaseMixin:
+    """Replaces phase-0 training by loading a shared phase-0 network (see module docstring)."""
+
+    def _first_phase_setup(self, args: dict, path: str | None) -> None:
+        self._first_phase_from = None if path is None else Path(path).expanduser()
+        self._first_phase_run = {k: args.get(k) for k in SHARED_KEYS}
+
+    def _init_train(self, train_loader, test_loader, optimizer, scheduler):
+        if self._first_phase_from is None or self._cur_task != 0:
+            return super()._init_train(train_loader, test_loader, optimizer, scheduler)
+        self._first_phase_load(self._first_phase_from)
+        steps = getattr(self, "cim_first_phase_steps", None)
+        if callable(steps):
+            steps(scheduler)
+        return None
+
+    def _first_phase_load(self, path: Path) -> None:
+        if not path.is_file():
+            raise CheckpointError(f"key 'cim_first_phase_from': no checkpoint file {path}")
+        try:
+            payload = torch.load(path, map_location=map_location(self._device), weights_only=False)
+            saved_net = payload["learner"]["_network"]
+        except Exception as err:
+            raise CheckpointError(f"key 'cim_first_phase_from': cannot read {path} as a cim-plugin checkpoint: {err}") from err
+        problems = [f"key '{k}' was {payload['run'].get(k)!r} there, {v!r} here"
+                    for k, v in self._first_phase_run.items() if k in payload.get("run", {}) and payload["run"][k] != v]
+        if payload.get("task") != 0:
+            problems.append(f"it holds task {payload.get('task')}, not the first phase (task 0)")
+        if problems:
+            raise CheckpointError(f"key 'cim_first_phase_from': {path} belongs to another setting:\n"
+                                  + "\n".join(f"  - {p}" for p in problems))
+        result = self._network.load_state_dict(saved_net.state_dict(), strict=True)
+        del result
+        set_rng_states(payload["rng"])
+        log.info("cim-plugin: first phase loaded from %s (state sha256 %s): phase-0 training skipped",
+                 path, payload.get("digest"))
