@@ -1,107 +1,94 @@
 """The built-in demo: plugin off vs on at the same memory budget, on the synthetic set.
 
-For each learner, runs PyCIL's own ``main.py`` (in the patched PyCIL checkout) with
-``exps/<learner>_off_demo.json`` and ``exps/<learner>_cim_demo.json``, reads the two results
-files and prints a comparison: accuracy per phase, exemplars per class, bytes against the budget,
-wall time. Each run's full output goes to ``<out>/<learner>_<variant>.log``.
+A thin call of the ablation runner (``cim_plugin/ablation.py``) on ``exps/<learner>_cim_demo.json``
+with one seed (PyCIL's 1993) and, by default, a shared first phase: the ``off`` run trains phase 0
+once, and the plugin run starts from that same model and builds its own memory, so the comparison
+shows what the memory does rather than first-phase luck (``shared_first_phase=False``: every run
+trains its own first phase). Prints and saves a comparison (accuracy per phase, old/new classes,
+exemplars per class, bytes against the budget, box diagnostics, wall time) to
+``<out>/comparison.md``; each run's files are in ``<out>/runs/<learner>_<variant>_s1993/``.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from . import locate
-from .launch import RESULTS_MARK, RunError, patched_pycil_root, run_pycil  # noqa: F401 (RESULTS_MARK: re-exported)
+from . import ablation, locate
+from .launch import RESULTS_MARK, RunError  # noqa: F401 (RESULTS_MARK: re-exported)
 
 DEMO_LEARNERS = ("icarl", "der", "foster", "lucir")
-#: "off" and "cim" are the demo files as they are; a mask source name runs the "cim" file with
-#: that ``cim_mask`` (same budget), for ablations.
-VARIANTS = ("off", "cim")
-MASK_VARIANTS = ("pau", "cam", "uniform", "random")
-
+#: The demo's default variants: plain exemplars, and CIM (PAU branch + bilevel).
+VARIANTS = ("off", "pau")
+DEMO_SEED = 1993
 
 #: Errors of the demo are those of the runs it launches.
 DemoError = RunError
 
 
-@dataclass
-class RunOutcome:
-    learner: str
-    variant: str
-    results: dict
-    wall_s: float
-    log: Path
-
-
-def demo_config(learner: str, variant: str, out_dir: Path) -> Path:
-    """The config file for one run: the shipped demo file, or one derived from it for a mask ablation."""
-    shipped = "cim" if variant in MASK_VARIANTS else variant
-    path = locate.plugin_dir("exps") / f"{learner}_{shipped}_demo.json"
+def demo_config(learner: str) -> Path:
+    """The shipped demo config of a learner (``exps/<learner>_cim_demo.json``)."""
+    path = locate.plugin_dir("exps") / f"{learner}_cim_demo.json"
     if not path.is_file():
         raise DemoError(f"no demo config {path}")
-    if variant == shipped:
-        return path
-    config = json.loads(path.read_text())
-    config.update({"cim_mask": variant, "prefix": f"demo_{variant}"})
-    derived = out_dir / f"{learner}_{variant}_demo.json"
-    derived.parent.mkdir(parents=True, exist_ok=True)
-    derived.write_text(json.dumps(config, indent=4) + "\n")
-    return derived
+    return path
 
 
-def run_demo(learners=DEMO_LEARNERS, out_dir: Path | None = None, root: Path | None = None, echo=None,
-             variants=VARIANTS) -> list[RunOutcome]:
-    root = patched_pycil_root(root)
+def run_demo(learners: Sequence[str] = ("icarl",), out_dir: Path | None = None, root: Path | None = None, echo=None,
+             variants: Sequence[str] = VARIANTS, shared_first_phase: bool = True) -> list[dict]:
     out_dir = Path(out_dir or Path.cwd() / "cim_demo")
-    outcomes = []
-    for learner in learners:
-        for variant in variants:
-            config = demo_config(learner, variant, out_dir)
-            log = out_dir / f"{learner}_{variant}.log"
-            print(f"[demo] {learner:7s} plugin {variant:3s} ... (log: {log})", flush=True)
-            results_file, wall = run_pycil(root, config, log, echo)
-            results = json.loads(results_file.read_text())
-            outcomes.append(RunOutcome(learner, variant, results, wall, log))
-            print(f"[demo] {learner:7s} plugin {variant:3s} done in {wall:.0f} s -> {results_file}", flush=True)
-    table = comparison_table(outcomes)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        outcome, _ = ablation.run_ablation([demo_config(name) for name in learners], variants, (DEMO_SEED,), out_dir,
+                                           root=root, echo=echo, shared_first_phase=shared_first_phase)
+    except ablation.AblationError as err:
+        raise DemoError(str(err)) from None
+    if outcome["failed"]:
+        raise DemoError(f"demo run(s) failed: {', '.join(outcome['failed'])}; see {out_dir / 'runs'}/*/pycil.log")
+    runs = ablation.collect(out_dir)
+    table = comparison_table(runs)
     (out_dir / "comparison.md").write_text(table + "\n")
     print(table)
     print(f"\n[demo] comparison saved to {out_dir / 'comparison.md'}")
-    return outcomes
+    return runs
 
 
-def comparison_table(outcomes: list[RunOutcome]) -> str:
+def _per_phase(phases: list[dict], key: str, fmt: str = "{:.1f}") -> str:
+    return " / ".join("-" if p.get(key) is None else fmt.format(p[key]) for p in phases)
+
+
+def comparison_table(runs: Sequence[dict]) -> str:
+    """One row per run (``ablation.collect``'s dicts) and, per plugin run, its ratios to off."""
     head = (
-        "| learner | plugin | CNN top-1 per phase | NME top-1 per phase | avg inc. CNN | exemplars/class "
-        "| box area per phase | bytes used / budget | wall s |\n|---|---|---|---|---|---|---|---|---|"
+        "| learner | variant | CNN top-1 per phase | old / new classes (last phase) | avg inc. CNN | exemplars/class "
+        "| box recall / area (last phase) | bytes used / budget | wall s |\n|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
-    for o in outcomes:
-        phases = o.results["phases"]
-        mem = phases[-1]["memory"]
-        cnn = " / ".join(f"{p['cnn_top1']:.1f}" for p in phases)
-        nme = " / ".join("-" if p.get("nme_top1") is None else f"{p['nme_top1']:.1f}" for p in phases)
-        avg = o.results["summary"]["avg_incremental_cnn_top1"]
-        area = " / ".join("-" if p["memory"].get("mean_box_area") is None else f"{p['memory']['mean_box_area']:.2f}" for p in phases)
-        variant = o.variant if o.variant != "cim" else f"cim ({o.results.get('cim_mask')})"
+    for r in runs:
+        res, phases = r["results"], r["results"]["phases"]
+        last, s = phases[-1], r["results"]["summary"]
+        mem = last["memory"]
+        stored = (last.get("diagnostics") or {}).get("stored")
+        box = "–" if not stored else f"{stored['mean_box_recall']:.2f} / {stored['mean_box_area']:.2f}"
+        old_new = _per_phase([last], "cnn_old_top1") + " / " + _per_phase([last], "cnn_new_top1")
         rows.append(
-            f"| {o.learner} | {variant} | {cnn} | {nme} | {avg:.2f} | {mem['mean_exemplars_per_class']:.2f} "
-            f"| {area} | {mem['bytes_used']:,} / {mem['budget_bytes']:,} | {o.wall_s:.0f} |"
+            f"| {r['learner']} | {r['variant']} | {_per_phase(phases, 'cnn_top1')} | {old_new} "
+            f"| {s['avg_incremental_cnn_top1']:.2f} | {mem['mean_exemplars_per_class']:.2f} | {box} "
+            f"| {mem['bytes_used']:,} / {mem['budget_bytes']:,} | {s['wall_time_s']:.0f} |"
         )
-    by = {(o.learner, o.variant): o for o in outcomes}
+        del res
     notes = []
-    for learner in dict.fromkeys(o.learner for o in outcomes):
-        off = by.get((learner, "off"))
-        for o in outcomes:
-            if o.learner != learner or o.variant == "off" or off is None:
-                continue
-            e_off = off.results["phases"][-1]["memory"]["mean_exemplars_per_class"]
-            e_on = o.results["phases"][-1]["memory"]["mean_exemplars_per_class"]
-            notes.append(
-                f"{learner} {o.variant}: {e_on / e_off:.2f}x exemplars per class at the same budget, "
-                f"wall time {o.wall_s / off.wall_s:.2f}x of plugin off"
-            )
+    off = {r["learner"]: r for r in runs if r["variant"] == "off"}
+    for r in runs:
+        base = off.get(r["learner"])
+        if base is None or r is base:
+            continue
+        s, b = r["results"]["summary"], base["results"]["summary"]
+        shared = r["results"].get("ablation", {}).get("shared_first_phase")
+        gain = s["avg_incremental_cnn_top1"] - b["avg_incremental_cnn_top1"]
+        notes.append(
+            f"{r['learner']} {r['variant']}: {gain:+.2f} points average incremental CNN vs off"
+            + (" (same first-phase model: the difference is the memory's)" if shared else "")
+            + f", {s['mean_exemplars_per_class'] / b['mean_exemplars_per_class']:.2f}x exemplars per class at "
+            f"{s['bytes_used']:,} / {s['budget_bytes']:,} bytes"
+        )
     return "\n".join(rows + [""] + notes)

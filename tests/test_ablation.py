@@ -9,47 +9,8 @@ from pathlib import Path
 import pytest
 
 from cim_plugin import ablation
-from cim_plugin.launch import RunError
 
-BASE = {"model_name": "icarl", "dataset": "synthetic", "prefix": "mine", "seed": [1], "memory_size": 60,
-        "cim": True, "cim_mask": "pau", "compress_ratio": 4.0, "init_cls": 6, "increment": 4}
-
-
-def fake_results(config: dict) -> dict:
-    """Deterministic, variant- and seed-dependent figures, shaped like pycil/results.py's."""
-    seed = config["seed"][0]
-    plus = {False: 0.0}.get(config["cim"], 10.0 if config.get("cim_mask") == "cam" else 20.0)
-    phases = [
-        {"task": t, "classes": 6 + 4 * t, "cnn_top1": 50.0 + plus + seed - 10 * t, "nme_top1": 40.0 + seed,
-         "memory": {"mean_exemplars_per_class": 6.0 if not config["cim"] else 12.0, "bytes_used": 1000,
-                    "budget_bytes": 1200, "units_used": 50.0, "budget_units": 60}}
-        for t in range(2)
-    ]
-    cnn = [p["cnn_top1"] for p in phases]
-    return {"finished": True, "phases": phases, "summary": {
-        "avg_incremental_cnn_top1": sum(cnn) / 2, "last_cnn_top1": cnn[-1], "avg_incremental_nme_top1": 40.0 + seed,
-        "last_nme_top1": 40.0 + seed, "forgetting_cnn": 5.0, "mean_exemplars_per_class": phases[-1]["memory"]["mean_exemplars_per_class"],
-        "bytes_used": 1000, "budget_bytes": 1200, "wall_time_s": 10.0 * (1 + bool(config["cim"])),
-        "first_phase_cnn_top1": cnn[0], "later_phases_avg_cnn_top1": cnn[1]}}
-
-
-class FakeRunner:
-    def __init__(self, fail=()):
-        self.calls, self.fail = [], set(fail)
-
-    def __call__(self, root, config_path, log_path, echo):
-        config = json.loads(Path(config_path).read_text())
-        name = Path(config_path).parent.name
-        self.calls.append(name)
-        log_path.write_text("log\n")
-        if name in self.fail:
-            raise RunError(f"{name} crashed; see {log_path}")
-        out = Path(root) / f"{name}_results.json"
-        out.write_text(json.dumps(fake_results(config)))
-        if config.get("cim_checkpoint"):  # as the checkpoint mixin names its files
-            (Path(root) / f"{name}_ckpt").mkdir(exist_ok=True)
-            (Path(root) / f"{name}_ckpt" / "task_0.pt").write_bytes(f"phase 0 of {name}".encode())
-        return out, 1.0
+from fakes import BASE, FakeRunner
 
 
 def test_variant_config_changes_only_the_switches_seed_and_prefix():
