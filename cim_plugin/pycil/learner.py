@@ -30,7 +30,7 @@ from torch.func import functional_call
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..config import CIMConfig
-from ..core.bilevel import BilevelSettings, bn_batch_statistics, mask_step
+from ..core.bilevel import BilevelSettings, mask_step
 from ..core.branch import PAUBranch
 from ..atomic import atomic_open
 from ..core.cam import class_activation_maps, normalize_cams, upsample_cams
@@ -44,7 +44,8 @@ from .data import ArtefactAugmentedDataset, AugmentState, Normalizer, PluginData
 from .losses import cil_loss_for
 from .results import run_base
 from .nets import (
-    backbones, cam_and_features, classifier_weight, eval_mode, extract_vector, feature_dim, maps_and_features, unwrap,
+    backbones, cam_and_features, classifier_weight, eval_mode, extract_vector, feature_dim, maps_and_features,
+    trained_backbones_batch_statistics, unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -332,12 +333,7 @@ class CIMLearnerMixin:
         theta = [n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
         loss_fn = cil_loss_for(self)
         parts, skipped = {}, 0
-        with eval_mode(net), contextlib.ExitStack() as stack:
-            # BN as in the CIL training step: the backbone being trained normalises with batch
-            # statistics (running stats kept); frozen old backbones (DER, FOSTER) stay in eval mode
-            for bb in backbones(net):
-                if any(p.requires_grad for p in bb.parameters()):
-                    stack.enter_context(bn_batch_statistics(bb))
+        with eval_mode(net), trained_backbones_batch_statistics(net):  # BN as in PyCIL's training step
             for _ in range(iters):
                 inner, outer = next(meta["batches"]), next(meta["batches"])
                 parts = mask_step(net, theta, self._cim_branch_outputs, loss_fn, inner, outer,

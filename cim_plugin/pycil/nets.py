@@ -92,3 +92,17 @@ def eval_mode(net: nn.Module):
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def trained_backbones_batch_statistics(net: nn.Module):
+    """Within the block (for mask steps, inside ``eval_mode``): the backbones being trained (any
+    parameter with ``requires_grad``) normalise with batch statistics, as in PyCIL's own training
+    step, their running statistics kept; frozen old backbones (DER's, FOSTER's) stay in eval mode."""
+    from ..core.bilevel import bn_batch_statistics
+
+    with contextlib.ExitStack() as stack:
+        for bb in backbones(net):
+            if any(p.requires_grad for p in bb.parameters()):
+                stack.enter_context(bn_batch_statistics(bb))
+        yield net

@@ -1,0 +1,102 @@
+"""The adapter's choices checked against PyCIL and the official CIM code (no PyCIL needed):
+FOSTER's class-balance count, BN in mask steps, the mask steps' data, φ's weight decay."""
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, TensorDataset
+
+from cim_plugin.config import CIMConfig
+from cim_plugin.core.memory import CompressedExemplarMemory, MemoryDataset
+from cim_plugin.pycil.data import ArtefactAugmentedDataset
+from cim_plugin.pycil.learner import CIMLearnerMixin
+from cim_plugin.pycil.nets import trained_backbones_batch_statistics
+
+from fakes import TinyNet
+
+
+class BudgetBase:
+    """PyCIL's BaseLearner/FOSTER view: per-class budget units, not the stored count."""
+
+    _device = "cpu"
+    args: dict = {}
+
+    @property
+    def samples_old_class(self):
+        return 6
+
+
+class Learner(CIMLearnerMixin, BudgetBase):
+    pass
+
+
+def make(**keys):
+    learner = Learner()
+    learner._network = TinyNet()
+    learner._cur_task, learner._known_classes, learner._total_classes = 1, 1, 2
+    learner._cim_setup(CIMConfig.from_args({"cim": True, "model_name": "foster", "cim_mask": "pau", **keys}))
+    return learner
+
+
+def memory_with(n):
+    mem = CompressedExemplarMemory((8, 8, 3), 4.0)
+    imgs = np.random.default_rng(0).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    mem.add_class(0, imgs, np.array([[0, 4, 0, 4]] * n))
+    return mem
+
+
+def test_foster_samples_old_class_is_the_budget_not_the_compressed_count():
+    learner = make()
+    learner._cim_memory = memory_with(15)  # 15 compressed exemplars in a 6-unit budget
+    assert learner.samples_old_class == 6
+
+
+class TwoBackbones(nn.Module):
+    """DER/FOSTER layout: ``convnets`` with a frozen old backbone and a trained new one."""
+
+    def __init__(self):
+        super().__init__()
+        self.convnets = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)) for _ in range(2)])
+        self.convnets[0].requires_grad_(False)
+
+
+def test_mask_steps_keep_frozen_old_backbones_in_eval_mode():
+    net = TwoBackbones().eval()
+    old_bn, new_bn = net.convnets[0][1], net.convnets[1][1]
+    with trained_backbones_batch_statistics(net):
+        assert not old_bn.training and old_bn.track_running_stats
+        assert new_bn.training and not new_bn.track_running_stats  # batch statistics, running stats kept
+        before = new_bn.running_mean.clone()
+        net.convnets[1](torch.randn(4, 3, 6, 6))
+        assert torch.equal(new_bn.running_mean, before)
+    assert not new_bn.training and new_bn.track_running_stats
+
+
+def test_mask_step_batches_are_clean_new_class_images_plus_the_memory():
+    learner = make()
+    plain = TensorDataset(torch.zeros(5), torch.zeros(5))
+    plain.trsf, plain.images, plain.labels, plain.use_path = None, np.zeros((5, 8, 8, 3), np.uint8), np.ones(5), False
+    augmented = learner._cim_wrap_train_dataset(plain)
+    assert isinstance(augmented, ArtefactAugmentedDataset)
+    learner._cim_memory = memory_with(3)
+    data = learner._cim_meta_set()
+    assert isinstance(data, ConcatDataset) and len(data) == 8
+    assert data.datasets[0] is plain and isinstance(data.datasets[1], MemoryDataset)
+
+
+def test_phi_adam_has_the_official_weight_decay(monkeypatch):
+    from cim_plugin.pycil import learner as learner_module
+
+    monkeypatch.setattr(learner_module, "mask_step", lambda *a, **k: {})  # only the optimiser is checked
+    learner = make()
+    plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([1, 1, 1, 1]))
+    learner._cim_train_items, learner.cil_loss = plain, lambda *a: None
+    learner._cim_meta_set = lambda: plain
+
+    class Sched:
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        T_max = 1
+
+    learner._cim_mask_steps(Sched())
+    assert learner._cim_meta["optimizer"].param_groups[0]["weight_decay"] == 5e-4
+    assert CIMConfig.from_args({"phi_weight_decay": 0.0}).phi_weight_decay == 0.0
