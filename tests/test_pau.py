@@ -14,6 +14,7 @@ from cim_plugin.core.pau import (
     fit_relu_coefficients,
     pade_max_error,
     pau_function,
+    use_fused_pau,
 )
 
 
@@ -175,14 +176,16 @@ def test_fp16_overflow_is_clamped_not_inf():
     assert torch.isfinite(y).all() and y[0] == torch.finfo(torch.float16).max
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("version", ["A", "B"])
-def test_gradcheck_double(version):
+def test_gradcheck_double(version, fused):
     x = torch.tensor([-2.5, -0.3, 0.2, 1.7, 50.0], dtype=torch.float64, requires_grad=True)
     a = torch.tensor(RELU_INIT_NUMERATOR, dtype=torch.float64, requires_grad=True)
     b = torch.tensor([0.3, 9.0, -0.2, 0.9], dtype=torch.float64, requires_grad=True)  # no kinks hit
     fn = lambda inp, num, den: pau_function(inp, num, den, version)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, a, b))
-    assert torch.autograd.gradgradcheck(fn, (x, a, b))
+    with use_fused_pau(fused):
+        assert torch.autograd.gradcheck(fn, (x, a, b))
+        assert torch.autograd.gradgradcheck(fn, (x, a, b))
 
 
 def test_second_order_gradients_exist():
@@ -194,8 +197,10 @@ def test_second_order_gradients_exist():
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in g2)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_no_grad_path_is_bit_identical_to_the_graph_path(dtype):
+def test_no_grad_path_is_bit_identical_to_the_graph_path(dtype, fused, monkeypatch):
+    monkeypatch.setattr("cim_plugin.core.pau._FUSED", fused)
     pau = PAU()
     with torch.no_grad():
         pau.numerator.add_(0.01 * torch.randn(pau.numerator.shape, generator=torch.Generator().manual_seed(1)))
@@ -206,3 +211,133 @@ def test_no_grad_path_is_bit_identical_to_the_graph_path(dtype):
     assert graph.requires_grad and fast.dtype == graph.dtype == dtype
     assert torch.equal(fast, graph.detach())
     assert torch.equal(x, (4 * torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))).to(dtype))  # input untouched
+
+
+# --------------------------------------------------------------------------------------------
+# the fused version-B node (one autograd node, hand-written first-order backward)
+# --------------------------------------------------------------------------------------------
+
+
+def _generic(num_degree: int, den_degree: int, seed: int, dtype=torch.float64):
+    """Random coefficients with mixed signs (b_1 ≠ 0: no even-denominator symmetry) and an input
+    with exact zeros (D = 0, the kink of |D|), far values, and a 4-D shape."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(num_degree + 1, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    b = (torch.randn(den_degree, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    x = (3 * torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)).to(dtype)
+    x.view(-1)[:3] = torch.tensor([0.0, 40.0, -40.0], dtype=dtype)
+    return x, a, b
+
+
+def _value_and_grads(x, a, b, fused: bool, need=(True, True, True), seed: int = 7):
+    x, a, b = (t.detach().clone().requires_grad_(n) for t, n in zip((x, a, b), need))
+    with use_fused_pau(fused):
+        y = pau_function(x, a, b, "B")
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y.dtype)
+    inputs = [t for t, n in zip((x, a, b), need) if n]
+    return y.detach(), torch.autograd.grad(y, inputs, g)
+
+
+@pytest.mark.parametrize("degrees", [(5, 4), (1, 1), (2, 1), (3, 2), (6, 5)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_matches_reference_values_and_gradients_float64(degrees, seed):
+    x, a, b = _generic(*degrees, seed)
+    y_ref, g_ref = _value_and_grads(x, a, b, fused=False)
+    y_new, g_new = _value_and_grads(x, a, b, fused=True)
+    torch.testing.assert_close(y_new, y_ref, rtol=1e-13, atol=1e-13)
+    for name, new, ref in zip("xab", g_new, g_ref):
+        assert new.shape == ref.shape, name
+        torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max())), name
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, True, True), (True, False, True), (True, True, False)])
+def test_fused_backward_with_only_some_inputs_requiring_grad(need):
+    x, a, b = _generic(5, 4, 3)
+    _, g_ref = _value_and_grads(x, a, b, fused=False, need=need)
+    _, g_new = _value_and_grads(x, a, b, fused=True, need=need)
+    assert len(g_new) == sum(need)
+    for new, ref in zip(g_new, g_ref):
+        torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+
+
+def test_fused_matches_reference_in_float32_and_float64_truth():
+    x, a, b = _generic(5, 4, 4)
+    x = torch.randn(16, 8, 12, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
+    _, g64 = _value_and_grads(x, a, b, fused=False)
+    for fused in (True, False):
+        _, g32 = _value_and_grads(x.float(), a.float(), b.float(), fused=fused)
+        for new, ref in zip(g32, g64):  # float32 round-off only, summed over 18432 elements
+            assert float((new.double() - ref).abs().max()) <= 2e-5 * float(ref.abs().max())
+
+
+def test_fused_is_one_graph_node_and_reference_is_not():
+    x = torch.randn(3, 4, requires_grad=True)
+    pau = PAU()
+    y = pau(x)
+    assert type(y.grad_fn).__name__ == "_SafePadeBBackward"
+    with use_fused_pau(False):
+        assert type(pau(x).grad_fn).__name__ != "_SafePadeBBackward"
+    assert type(PAU(version="A")(x).grad_fn).__name__ != "_SafePadeBBackward"  # A: always the graph
+    assert type(pau(x).grad_fn).__name__ == "_SafePadeBBackward"  # the switch is restored
+
+
+def test_use_fused_pau_restores_on_exception():
+    with pytest.raises(RuntimeError):
+        with use_fused_pau(False):
+            raise RuntimeError("boom")
+    assert type(PAU()(torch.randn(2, requires_grad=True)).grad_fn).__name__ == "_SafePadeBBackward"
+
+
+def test_fused_second_order_matches_reference():
+    """create_graph through the fused node (recomputed graph) = the reference, incl. mixed terms."""
+    x, a, b = _generic(5, 4, 6)
+    x = x.view(-1)[3:].clone()  # off the kinks
+    results = {}
+    for fused in (True, False):
+        xr, ar, br = (t.clone().requires_grad_() for t in (x, a, b))
+        with use_fused_pau(fused):
+            y = pau_function(xr, ar, br)
+            gx, ga, gb = torch.autograd.grad(y.pow(2).sum(), (xr, ar, br), create_graph=True)
+            results[fused] = torch.autograd.grad(gx.pow(2).sum() + ga.sum() * gb.sum(), (xr, ar, br))
+    for new, ref in zip(results[True], results[False]):
+        torch.testing.assert_close(new, ref, rtol=1e-11, atol=1e-11 * float(ref.abs().max()))
+
+
+def test_fused_gradients_survive_in_place_use_of_the_output():
+    x, a, b = _generic(5, 4, 8)
+    grads = {}
+    for fused in (True, False):
+        xr, ar, br = (t.clone().requires_grad_() for t in (x, a, b))
+        with use_fused_pau(fused):
+            y = pau_function(xr, ar, br)
+        y.mul_(3.0)  # the output is not saved for backward: in-place use is fine
+        grads[fused] = torch.autograd.grad(y.sum(), (xr, ar, br))
+    for new, ref in zip(grads[True], grads[False]):
+        torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_low_precision_matches_reference(dtype):
+    pau = PAU()
+    x = (3 * torch.randn(64, generator=torch.Generator().manual_seed(0))).to(dtype)
+    out = {}
+    for fused in (True, False):
+        pau.zero_grad()
+        xr = x.clone().requires_grad_()
+        with use_fused_pau(fused):
+            y = pau(xr)
+        y.float().sum().backward()
+        out[fused] = (y, xr.grad, pau.numerator.grad.clone(), pau.denominator.grad.clone())
+    for new, ref in zip(out[True], out[False]):
+        assert new.dtype == ref.dtype
+        torch.testing.assert_close(new.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_torch_func_transforms_fall_back_to_the_graph():
+    x, a, b = _generic(5, 4, 9)
+    g_func = torch.func.grad(lambda num: pau_function(x, num, b).sum())(a)  # classic Functions refuse
+    ar = a.clone().requires_grad_()
+    (g_fused,) = torch.autograd.grad(pau_function(x, ar, b).sum(), ar)
+    torch.testing.assert_close(g_func, g_fused, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(lambda v: pau_function(v, a, b))(x), pau_function(x, a, b))
