@@ -96,7 +96,9 @@ def load_config(path: str | Path, pycil_root: Path | None = None) -> dict:
         raise AblationError(f"config file {path} not found")
     try:
         config = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except json.JSONDecodeError as err:  # file:line:column, as compilers and PyCIL's patched main.py say it
+        raise AblationError(f"config file {p}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
         raise AblationError(f"config file {p} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise AblationError(f"config file {p} must hold a JSON object of PyCIL keys")

@@ -6,9 +6,12 @@ Shared by the demo and the ablation runner. The patched trainer prints ``Results
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,14 +35,34 @@ def patched_pycil_root(root: Path | None = None) -> Path:
     return Path(root)
 
 
+@contextlib.contextmanager
+def sigterm_raises():
+    """While inside, SIGTERM raises SystemExit(143) instead of ending the process at once, so that
+    the ``except``/``finally`` blocks run (and stop the child); the previous handler is restored
+    after. Only the main thread can set handlers: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path, float]:
     """Run ``python main.py --config config`` in ``root``, its output into ``log_path``;
-    returns (results file, wall seconds). ``echo(line)`` also receives every output line."""
+    returns (results file, wall seconds). ``echo(line)`` also receives every output line.
+    Stopping this process (Ctrl-C, SIGTERM) or a failing ``echo`` kills the PyCIL run first."""
     t0 = time.time()
     results = None
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w", buffering=1) as log, subprocess.Popen(
+    with sigterm_raises(), open(log_path, "w", buffering=1) as log, subprocess.Popen(
         [sys.executable, "main.py", "--config", str(Path(config).resolve())],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     ) as proc:
@@ -50,10 +73,10 @@ def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path
                     results = Path(line[len(RESULTS_MARK):].strip())
                 if echo is not None:
                     echo(line)
-        except BaseException:  # Ctrl-C or a failing echo: never leave the PyCIL run behind
+            code = proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM or a failing echo: never leave the PyCIL run behind
             proc.kill()
             raise
-        code = proc.wait()
     wall = time.time() - t0
     if code != 0:
         raise RunError(f"PyCIL run {Path(config).name} failed with exit code {code}; see {log_path}")

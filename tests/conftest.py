@@ -24,3 +24,25 @@ def no_pycil_env(tmp_path):
     (tmp_path / "home").mkdir(exist_ok=True)
     env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"))
     return env
+
+
+@pytest.fixture(scope="module")
+def patched_pycil(tmp_path_factory):
+    """A patched clone of the user's PyCIL checkout at the pinned commit, for test modules that also
+    hold tests without PyCIL: only the tests that use it are skipped (in CI: failed) without one."""
+    import subprocess
+
+    from cim_plugin import PYCIL_COMMIT, locate, patching
+    from pycil_checkout import pycil_unavailable
+
+    root, reason = locate.find_pycil_root()
+    if root is None:
+        pycil_unavailable(reason)
+    base = tmp_path_factory.mktemp("pycil")
+    clone = base / "PyCIL"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "-c", "advice.detachedHead=false", "checkout", "-q", PYCIL_COMMIT], check=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(base / "xdg"))
+        patching.patch_pycil(clone)
+    return clone

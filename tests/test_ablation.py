@@ -50,7 +50,7 @@ def test_load_config_errors_name_the_file(tmp_path):
         ablation.load_config(tmp_path / "nowhere.json")
     broken = tmp_path / "broken.json"
     broken.write_text("{")
-    with pytest.raises(ablation.AblationError, match="broken.json is not valid JSON"):
+    with pytest.raises(ablation.AblationError, match="broken.json:1:2: not valid JSON"):
         ablation.load_config(broken)
     nameless = tmp_path / "nameless.json"
     nameless.write_text(json.dumps({"dataset": "cifar100"}))

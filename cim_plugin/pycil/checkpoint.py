@@ -11,9 +11,10 @@ own training and ``build_rehearsal_memory``), ``<PyCIL log name>_ckpt/task_<k>.p
   arrays or the compressed memory), ``_class_means``, the counters (``_cur_task``,
   ``_known_classes``, ``_total_classes``), FOSTER's ``per_cls_weights`` and the CIM branch's PAU
   coefficients φ (the branch pickles without its backbones and is re-attached on loading);
-- the class order of the data manager, the settings of the test loader, a few keys that define the
-  run (for the compatibility check), the accuracy history recorded so far, and the RNG states
-  (torch CPU, CUDA when initialised, numpy's global generator, python's ``random``).
+- the class order of the data manager, the settings of the test loader, the keys that define the
+  run (``RUN_KEYS``: every key that changes what a phase learns, for the compatibility check), the
+  accuracy history recorded so far, and the RNG states (torch CPU, CUDA when initialised, numpy's
+  global generator, python's ``random``).
 
 The file is written atomically (a killed run leaves the previous file, or none, never a half-written
 one). With ``"cim_resume": true``, before a phase is trained the mixin looks for that phase's file:
@@ -42,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_open
+from ..config import LUCIR_KEYS, MODULE_HPARAM_KEYS, PLUGIN_KEYS, PYCIL_KEYS
 from .results import run_base
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,28 @@ TRANSIENT = frozenset(
      "_cim_seconds"}
 )
 TRANSIENT_PREFIXES = ("_results", "_ckpt")
-#: Keys that define the run: a checkpoint written with other values is refused.
-RUN_KEYS = ("model_name", "dataset", "init_cls", "increment", "convnet_type", "seed", "shuffle", "memory_size",
-            "memory_per_class", "fixed_memory", "cim", "cim_mask", "compress_ratio", "cim_storage_size")
+#: Keys of the key tables (config.py) that change neither what a phase learns nor its results, so a
+#: resumed run may change them:
+#:
+#: - where the outputs go and whether they are written: ``prefix``, ``logfilename``, ``csv_name``,
+#:   ``time_str``, ``config`` (the JSON's path), ``cim_checkpoint``, ``cim_resume``, ``cim_gallery``
+#:   (which classes' top exemplar is copied into the gallery file);
+#: - the hardware and the speed: ``device``, ``num_workers`` (loader processes; the bit-identical
+#:   resume holds for ``num_workers`` 0 in any case);
+#: - where the data is read from: ``data_root`` (the same data may be moved), ``cim_check_images``
+#:   (a scan that only leaves unreadable files out, which a run without it replaces by readable
+#:   images of their class: turning it on to diagnose the data must not lose the checkpoints).
+NOT_RUN_KEYS = frozenset({"prefix", "logfilename", "csv_name", "time_str", "config", "cim_checkpoint", "cim_resume",
+                          "cim_gallery", "device", "num_workers", "data_root", "cim_check_images"})
+#: Keys that define the run: a checkpoint written with other values is refused. Those that say what
+#: is learned (learner, data, class split, seed, memory, compression), then every other key of the
+#: tables in config.py — PyCIL's (FOSTER's schedule and losses), the iCaRL/DER module
+#: hyper-parameters, LUCIR's and the plugin's — but NOT_RUN_KEYS. Includes ``cim_first_phase_from``.
+_DEFINING = ("model_name", "dataset", "init_cls", "increment", "convnet_type", "seed", "shuffle", "memory_size",
+             "memory_per_class", "fixed_memory", "cim", "cim_mask", "compress_ratio", "cim_storage_size")
+RUN_KEYS = _DEFINING + tuple(sorted(
+    (set(PYCIL_KEYS) | set(MODULE_HPARAM_KEYS) | set(LUCIR_KEYS) | set(PLUGIN_KEYS)) - NOT_RUN_KEYS - set(_DEFINING)
+))
 
 
 class CheckpointError(RuntimeError):
@@ -237,9 +258,14 @@ class CheckpointMixin:
         order = [int(c) for c in data_manager._class_order]
         if payload["class_order"] != order:
             problems.append(f"class order {payload['class_order']} differs from this run's {order}")
-        for key, saved in payload["run"].items():
-            if key in self._ckpt_run and self._ckpt_run[key] != saved:
-                problems.append(f"key '{key}' was {saved!r}, this run has {self._ckpt_run[key]!r}")
+        saved_run = payload["run"]
+        for key, now in self._ckpt_run.items():
+            if key in saved_run and saved_run[key] != now:
+                problems.append(f"key '{key}' was {_shown(saved_run[key])}, this run has {_shown(now)}")
+        unchecked = sorted(k for k, v in self._ckpt_run.items() if k not in saved_run and v is not None)
+        if unchecked:  # a file of an older cim-plugin, which recorded fewer keys
+            log.warning("cim-plugin: checkpoint %s does not record key(s) %s (written by an older cim-plugin): "
+                        "not checked against this run", path, ", ".join(unchecked))
         if payload["learner_class"] != type(self).__name__:
             problems.append(f"written by learner {payload['learner_class']}, this run's is {type(self).__name__}")
         if problems:
@@ -284,6 +310,10 @@ class CheckpointMixin:
         if saved and now and saved != now[: len(saved)]:
             log.warning("cim-plugin: the accuracies re-evaluated on resuming differ from those recorded in %s: %s vs %s",
                         path, now[: len(saved)], saved)
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is None else repr(value)
 
 
 def _picklable(value: Any) -> bool:

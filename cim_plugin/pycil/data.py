@@ -437,9 +437,14 @@ def folder_problems(root: str) -> list[str]:
     return problems
 
 
+class UnreadableClassError(ValueError):
+    """A class none of whose files can be read (the message names its folder)."""
+
+
 def drop_unreadable(imgs: Sequence[tuple[str, int]], split: str) -> list[tuple[str, int]]:
     """ImageFolder's ``(path, target)`` list without the files ``scan_images`` finds unreadable
-    (each one named in a warning)."""
+    (each one named in a warning). A class left without any file raises UnreadableClassError
+    naming its folder: PyCIL cannot train or test a class with no image."""
     t0 = time.time()
     bad = scan_images([p for p, _ in imgs])
     for path, reason in bad.items():
@@ -451,6 +456,15 @@ def drop_unreadable(imgs: Sequence[tuple[str, int]], split: str) -> list[tuple[s
     emptied = sorted({t for _, t in imgs} - {t for _, t in kept})
     if emptied:
         log.warning("cim-plugin: cim_check_images: class(es) %s of '%s' have no readable file left", emptied, split)
+        folders = []
+        for target in emptied:
+            files = [p for p, t in imgs if t == target]
+            folders.append(f"{os.path.commonpath([os.path.dirname(p) for p in files])} ({len(files)} file(s), none readable)")
+        raise UnreadableClassError(
+            f"cim-plugin: cim_check_images: no readable image left in {len(emptied)} class folder(s) of '{split}':\n"
+            + "\n".join(f"  - {f}" for f in folders)
+            + "\nReplace the files (each unreadable one is named above) or remove the class from train/ and val/."
+        )
     return kept
 
 
@@ -458,7 +472,8 @@ def imagenet_idata(name: str, root: str, check_images: bool = False) -> Any:
     """PyCIL's own iImageNet100/1000 (same transforms), reading ``root``/train and ``root``/val.
 
     ``check_images`` (key ``cim_check_images``): decode every file once when the data is loaded,
-    before training, and leave the unreadable ones out of both splits (each is named in a warning).
+    before training, and leave the unreadable ones out of both splits (each is named in a warning);
+    a class with no readable file left stops the run, naming its folder.
     """
     from torchvision import datasets
     from utils.data import iImageNet100, iImageNet1000  # PyCIL
@@ -473,7 +488,10 @@ def imagenet_idata(name: str, root: str, check_images: bool = False) -> Any:
             test = datasets.ImageFolder(str(folder / "val"))
             train_imgs, test_imgs = train.imgs, test.imgs
             if check_images:
-                train_imgs, test_imgs = drop_unreadable(train_imgs, "train"), drop_unreadable(test_imgs, "val")
+                try:
+                    train_imgs, test_imgs = drop_unreadable(train_imgs, "train"), drop_unreadable(test_imgs, "val")
+                except UnreadableClassError as err:  # before training: a clear stop, no traceback
+                    raise SystemExit(str(err)) from None
             self.train_data, self.train_targets = split_images_labels(train_imgs)
             self.test_data, self.test_targets = split_images_labels(test_imgs)
             self.class_order = list(range(len(train.classes)))

@@ -42,7 +42,8 @@ KNOWN_DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32)}
 
 
 def check_args(args: dict) -> CIMConfig:
-    """Validate every key the plugin reads and the dataset it must provide; one error lists all."""
+    """Validate every key the plugin reads, the dataset it must provide and, in a run (``logfilename``
+    set), that its output folders are writable; one error lists all."""
     source = f"config {args['config']}" if args.get("config") else "the config"
     problems: list[str] = []
     try:
@@ -69,6 +70,9 @@ def check_args(args: dict) -> CIMConfig:
     if isinstance(first, str) and first.strip() and not Path(first).expanduser().is_file():
         problems.append(f"key 'cim_first_phase_from' = {first!r}: no such checkpoint file")
     problems += pycil_problems(args, num_classes, image_size)
+    from .checks import output_problems  # the run's output folders (in a run: logfilename is set)
+
+    problems += output_problems(args)
     if problems:
         raise ConfigError(problems, source)
     return cfg

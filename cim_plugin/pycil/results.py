@@ -2,8 +2,11 @@
 
 ``ResultsMixin`` is composed in front of any PyCIL learner. It records what ``eval_task``
 returns and, after every phase, the memory: exemplars per class, units used, bytes used and the
-budget in bytes; it logs these figures and rewrites ``<PyCIL log name>_results.json`` atomically,
-so a crashed run keeps the phases it finished. ``finish()`` prints the file's path at the end.
+budget in bytes; it logs these figures and rewrites ``<PyCIL log name>_results.partial.json``
+atomically, so a crashed run keeps the phases it finished there. Only a finished run writes
+``<PyCIL log name>_results.json`` (atomically, then the partial file is removed) and prints its path
+at the end: a run that fails before finishing (a refused checkpoint, a crash, a kill) never
+replaces the results of an earlier finished run of the same name.
 
 Per phase: CNN and NME top-1 (and PyCIL's grouped figures), the per-task accuracies (a row of the
 accuracy matrix, computed from the same predictions PyCIL scores), the memory figures, the elapsed
@@ -36,7 +39,13 @@ def run_base(args: dict) -> str:
 
 
 def results_path(args: dict) -> Path:
+    """The results file of a finished run."""
     return Path(f"{run_base(args)}_results.json")
+
+
+def partial_results_path(args: dict) -> Path:
+    """The results file of a run in progress (or of one that stopped before finishing)."""
+    return Path(f"{run_base(args)}_results.partial.json")
 
 
 def _jsonable(value: Any) -> Any:
@@ -125,6 +134,7 @@ class ResultsMixin:
 
     def _results_setup(self, args: dict, storage_size: int) -> None:
         self._results_file = results_path(args)
+        self._results_partial_file = partial_results_path(args)
         self._results_storage_size = storage_size
         self._results_t0 = time.time()
         self._results_pending: dict = {}
@@ -242,7 +252,11 @@ class ResultsMixin:
             "stored_box_area": stored.get("mean_box_area"),
             "stored_psnr_db": stored.get("psnr_db"),
         }
-        write_json_atomic(self._results_file, self._results)
+        if self._results.get("finished") is True:
+            write_json_atomic(self._results_file, self._results)
+            self._results_partial_file.unlink(missing_ok=True)
+        else:  # a finished file of an earlier run stays as it is until this run finishes
+            write_json_atomic(self._results_partial_file, self._results)
 
     def _results_finish(self) -> Path:
         self._results["finished"] = True
