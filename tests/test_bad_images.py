@@ -221,6 +221,9 @@ def test_fill_class_leaves_unreadable_files_out(files, caplog):
         def class_items(self, label):
             return paths, np.arange(len(paths))
 
+        def object_boxes(self, positions):  # folders do not know where their objects are
+            return None
+
     lrn = learner()
     lrn._cim_memory = CompressedExemplarMemory((S, S, 3), 4.0)
     with caplog.at_level(logging.WARNING):

@@ -346,13 +346,13 @@ class PluginDataManager:
     def object_boxes(self, positions: np.ndarray) -> np.ndarray | None:
         """True object boxes (int64 ``[n, 4]``, pixels of the stored image) of the training items
         at ``positions``, or None when the dataset does not know where its objects are."""
-        boxes = object_boxes_of(self._dm._train_data)
+        boxes = object_boxes_of(getattr(self._dm, "_train_data", None))
         return None if boxes is None else boxes[np.asarray(positions, dtype=np.int64)]
 
     def new_class_object_boxes(self, indices: Sequence[int]) -> np.ndarray | None:
         """True boxes of the training set PyCIL's ``get_dataset(indices, "train", ...)`` builds
         (classes in the order given, items of a class in data order), or None."""
-        if object_boxes_of(self._dm._train_data) is None:
+        if object_boxes_of(getattr(self._dm, "_train_data", None)) is None:
             return None
         positions = [np.where(self._dm._train_targets == c)[0] for c in indices]
         return self.object_boxes(np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64))
@@ -373,7 +373,7 @@ def register_object_boxes(train_data: Any, boxes: np.ndarray) -> None:
 
 def object_boxes_of(train_data: Any) -> np.ndarray | None:
     """The true boxes registered for exactly this ``train_data`` object, or None."""
-    if _OBJECT_BOXES and _OBJECT_BOXES[0] is train_data:
+    if _OBJECT_BOXES and train_data is not None and _OBJECT_BOXES[0] is train_data:
         return _OBJECT_BOXES[1]
     return None
 
