@@ -2,6 +2,7 @@
 FOSTER's class-balance count, BN in mask steps, the mask steps' data, φ's weight decay."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, TensorDataset
@@ -100,3 +101,23 @@ def test_phi_adam_has_the_official_weight_decay(monkeypatch):
     learner._cim_mask_steps(Sched())
     assert learner._cim_meta["optimizer"].param_groups[0]["weight_decay"] == 5e-4
     assert CIMConfig.from_args({"phi_weight_decay": 0.0}).phi_weight_decay == 0.0
+
+
+def test_first_phase_steps_give_phi_the_phase_epochs_of_mask_steps(monkeypatch):
+    from cim_plugin.pycil import learner as learner_module
+
+    lrs = []
+    monkeypatch.setattr(learner_module, "mask_step", lambda net, theta, fn, loss, inner, outer, lr, *a: lrs.append(lr) or {})
+    learner = make(num_meta_iters_per_cls=2.0, lr_ratio=0.1)  # 1 new class x 2 = 2 steps per epoch
+    learner._cur_task, learner._known_classes = 0, 0
+    plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    learner._cim_train_items, learner.cil_loss = plain, lambda *a: None
+    learner._cim_meta_set = lambda: plain
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
+    learner.args = {"init_epoch": 3}
+    learner._cim_phase_epochs = lambda scheduler: 3
+    learner.cim_first_phase_steps(sched)
+    # 3 epochs x 4 steps (2 classes x 2), inner step size = the learner's lr after each epoch x lr_ratio
+    assert learner._cim_meta["steps"] == 12
+    assert lrs == pytest.approx([0.1] * 4 + [0.01] * 8)
