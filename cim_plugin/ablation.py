@@ -384,6 +384,27 @@ def gain_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def phase_table(runs: Sequence[dict]) -> str:
+    """Old- and new-class CNN top-1 per phase (mean over seeds), one row per learner × variant:
+    where the memory's effect shows (old classes) and what it costs the new ones."""
+    groups: dict[tuple[str, str], list[list[dict]]] = {}
+    for r in runs:
+        groups.setdefault((r["learner"], r["variant"]), []).append(r["results"].get("phases", []))
+    n_phases = max((len(p) for members in groups.values() for p in members), default=0)
+    head = "| learner | variant | " + " | ".join(f"phase {k} old / new" for k in range(1, n_phases)) + " |"
+    lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
+    for (learner, variant), members in groups.items():
+        cells = []
+        for k in range(1, n_phases):
+            parts = []
+            for key in ("cnn_old_top1", "cnn_new_top1"):
+                mean, _, n = mean_std([p[k].get(key) for p in members if len(p) > k])
+                parts.append("–" if mean is None else f"{mean:.1f}")
+            cells.append(" / ".join(parts))
+        lines.append(f"| {learner} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(out: Path, figures: bool = True) -> dict[str, Path]:
     """Write runs.csv, aggregate.csv, aggregate.md and (optionally) the figures from the
     finished runs in ``out``; returns the written paths by name."""
@@ -394,7 +415,7 @@ def report(out: Path, figures: bool = True) -> dict[str, Path]:
     rows = aggregate(runs)
     written = {}
     for name, text in (("runs.csv", to_csv(per_run_rows(runs))), ("aggregate.csv", to_csv(rows)),
-                       ("aggregate.md", markdown_table(rows) + "\n\n" + gain_table(rows) + "\n")):
+                       ("aggregate.md", markdown_table(rows) + "\n\n" + gain_table(rows) + "\n\n" + phase_table(runs) + "\n")):
         with atomic_open(out / name, "w") as f:
             f.write(text)
         written[name] = out / name

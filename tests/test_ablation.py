@@ -164,3 +164,19 @@ def test_gain_table_splits_first_and_later_phases_against_off(tmp_path):
     rows = {line.split(" | ")[1]: line.split(" | ") for line in table.splitlines()[2:]}
     assert rows["cam"][2] == "61.50 ± 0.50" and rows["cam"][4] == "+10.00"  # later phases: 51.5 vs 41.5
     assert rows["off"][4] == "–"
+
+
+def test_phase_table_gives_old_and_new_class_accuracy_per_phase(tmp_path):
+    class OldNew(FakeRunner):
+        def __call__(self, root, config_path, log_path, echo):
+            out, wall = super().__call__(root, config_path, log_path, echo)
+            results = json.loads(out.read_text())
+            seed = json.loads(config_path.read_text())["seed"][0]
+            results["phases"][1].update(cnn_old_top1=10.0 * seed, cnn_new_top1=80.0)
+            out.write_text(json.dumps(results))
+            return out, wall
+
+    ablation.execute(ablation.plan([BASE], ["off"], [1, 2]), tmp_path, tmp_path, runner=OldNew())
+    table = ablation.phase_table(ablation.collect(tmp_path))
+    assert table.splitlines()[0] == "| learner | variant | phase 1 old / new |"
+    assert table.splitlines()[2] == "| icarl | off | 15.0 / 80.0 |"
