@@ -91,4 +91,7 @@ def comparison_table(runs: Sequence[dict]) -> str:
             + f", {s['mean_exemplars_per_class'] / b['mean_exemplars_per_class']:.2f}x exemplars per class at "
             f"{s['bytes_used']:,} / {s['budget_bytes']:,} bytes"
         )
+    if any(r["results"].get("ablation", {}).get("shared_first_phase") and r["variant"] != "off" for r in runs):
+        notes.append("(plugin runs started from the off run's first phase: their wall times exclude phase-0 "
+                     "training and are not overheads; benchmarks/training_overhead.py measures those)")
     return "\n".join(rows + [""] + notes)
