@@ -444,10 +444,10 @@ class CIMLearnerMixin:
     def _cim_record_diagnostics(self, label, raw, ranked, boxes, truth, cams) -> None:
         """Box recall / area / reconstruction error of one class's ranked exemplars, and the
         recall / area curve over τ of its candidates' CAMs (when the source computes one)."""
-        ranked = np.asarray(ranked, dtype=np.int64)
+        recon = self._cim_memory.images(label)  # the stored prefix of the ranked list
+        ranked = np.asarray(ranked, dtype=np.int64)[: len(recon)]
         size = raw.shape[1:3]
         stored_boxes, stored_truth = torch.from_numpy(boxes[ranked]), torch.from_numpy(truth[ranked])
-        recon = self._cim_memory.images(label)[: len(ranked)]
         self._cim_stored_diag[label] = {
             "recall": box_recall(stored_boxes, stored_truth).numpy(),
             "area": box_area_fraction(stored_boxes, size).numpy(),
