@@ -207,12 +207,24 @@ def test_ablation_runner_runs_resumes_and_reports(pycil, tmp_path, capsys):
     path = tmp_path / "icarl.json"
     path.write_text(json.dumps(config))
     out = tmp_path / "ablation"
-    outcome, written = ablation.run_ablation([path], ["off", "random"], [5], out, root=pycil)
-    assert outcome == {"skipped": [], "ran": ["icarl_off_s5", "icarl_random_s5"], "failed": []}
+    outcome, written = ablation.run_ablation([path], ["off", "random", "oracle"], [5], out, root=pycil)
+    assert outcome == {"skipped": [], "ran": ["icarl_off_s5", "icarl_random_s5", "icarl_oracle_s5"], "failed": []}
     assert {"aggregate.md", "aggregate.csv", "runs.csv", "accuracy_per_phase.png", "exemplars_vs_bytes.png",
             "gallery_icarl_random.png"} <= set(written)
     res = json.loads((out / "runs" / "icarl_random_s5" / "results.json").read_text())
     assert res["cim_mask"] == "random" and res["seed"] == 5 and res["ablation"]["variant"] == "random"
+    # shared first phase: the variants start from off's phase-0 model (same phase-0 accuracy)
+    off = json.loads((out / "runs" / "icarl_off_s5" / "results.json").read_text())
+    oracle = json.loads((out / "runs" / "icarl_oracle_s5" / "results.json").read_text())
+    assert res["ablation"]["shared_first_phase"] is True and (out / "runs" / "icarl_off_s5" / "first_phase.pt").is_file()
+    assert res["phases"][0]["cnn_top1"] == off["phases"][0]["cnn_top1"] == oracle["phases"][0]["cnn_top1"]
+    assert res["summary"]["first_phase_from"].endswith("first_phase.pt")
+    # diagnostics on the synthetic set: the oracle keeps every object whole
+    stored = [p["diagnostics"]["stored"] for p in oracle["phases"]]
+    assert all(s["mean_box_recall"] == 1.0 and 0 < s["mean_box_area"] < 1 and s["psnr_db"] > 0 for s in stored)
+    curve = res["phases"][0]["diagnostics"]["tau_curve"]
+    assert [round(r["tau"], 1) for r in curve] == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert "| later phases CNN |" in (out / "aggregate.md").read_text()
     md = (out / "aggregate.md").read_text()
     assert "| icarl | off | 1 |" in md and "| icarl | random | 1 |" in md
     # a run killed half-way (no finished results) runs again; the finished one is skipped
