@@ -218,7 +218,7 @@ def test_mask_steps_are_the_same_wrapped(kind, device, monkeypatch):
     raw, labels = batch(device, n=8, seed=2)
     phis = []
     for lrn in both(kind, device, "pau", monkeypatch, meta_batch_size=4, num_meta_iters_per_cls=1):
-        lrn._cim_train_set = TrainSet(raw, labels)
+        lrn._cim_train_items = TrainSet(raw, labels)  # the clean new-class set; no memory yet
         opt = torch.optim.SGD(nets.unwrap(lrn._network).parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2)
         before = [p.detach().clone() for p in lrn._cim_sync_branch().parameters()]
