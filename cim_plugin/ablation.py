@@ -309,6 +309,18 @@ def aggregate(runs: Sequence[dict]) -> list[dict]:
             row[f"{key}_mean"], row[f"{key}_std"] = mean, std
         row["budget_bytes"] = members[0]["results"].get("summary", {}).get("budget_bytes")
         rows.append(row)
+    # paired by seed (same first phase in shared mode): variant minus off of the same seed
+    off_by_seed = {(r["learner"], r["seed"]): r["results"].get("summary", {}) for r in runs if r["variant"] == "off"}
+    for row, ((learner, variant), members) in zip(rows, groups.items()):
+        for key in ("later_phases_avg_cnn_top1", "avg_incremental_cnn_top1"):
+            diffs = []
+            for m in members:
+                base_s = off_by_seed.get((learner, m["seed"]), {})
+                a, b = m["results"].get("summary", {}).get(key), base_s.get(key)
+                if a is not None and b is not None and variant != "off":
+                    diffs.append(a - b)
+            mean, std, n = mean_std(diffs) if diffs else (None, None, 0)
+            row[f"{key}_paired_delta_mean"], row[f"{key}_paired_delta_std"], row[f"{key}_paired_n"] = mean, std, n
     off = {r["learner"]: r for r in rows if r["variant"] == "off"}
     for row in rows:
         base = off.get(row["learner"])
@@ -367,15 +379,13 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def gain_table(rows: Sequence[dict]) -> str:
     """The gain split: first phase vs later phases (Δ to the learner's off row), old- and
     new-class accuracy of the later phases, and the stored boxes' diagnostics."""
-    head = ("| learner | variant | first-phase CNN | later phases CNN | Δ later vs off | later old CNN | later new CNN "
-            "| box recall | box area | PSNR dB |")
+    head = ("| learner | variant | first-phase CNN | later phases CNN | Δ later vs off (paired by seed) | later old CNN "
+            "| later new CNN | box recall | box area | PSNR dB |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    off = {r["learner"]: r for r in rows if r["variant"] == "off"}
     for r in rows:
-        base = off.get(r["learner"])
-        a = r.get("later_phases_avg_cnn_top1_mean")
-        b = base.get("later_phases_avg_cnn_top1_mean") if base else None
-        delta = "–" if a is None or b is None or r is base else f"{a - b:+.2f}"
+        d_mean, d_std = r.get("later_phases_avg_cnn_top1_paired_delta_mean"), r.get("later_phases_avg_cnn_top1_paired_delta_std")
+        n = r.get("later_phases_avg_cnn_top1_paired_n", 0)
+        delta = "–" if d_mean is None else f"{d_mean:+.2f}" + (f" ± {d_std:.2f}" if n > 1 else "") + f" (n={n})"
         lines.append(
             f"| {r['learner']} | {r['variant']} | {_pm(r, 'first_phase_cnn_top1')} | {_pm(r, 'later_phases_avg_cnn_top1')} "
             f"| {delta} | {_pm(r, 'later_phases_old_cnn_top1')} | {_pm(r, 'later_phases_new_cnn_top1')} "

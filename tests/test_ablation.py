@@ -162,7 +162,7 @@ def test_gain_table_splits_first_and_later_phases_against_off(tmp_path):
     ablation.execute(ablation.plan([BASE], ["off", "cam"], [1, 2]), tmp_path, tmp_path, runner=FakeRunner())
     table = ablation.gain_table(ablation.aggregate(ablation.collect(tmp_path)))
     rows = {line.split(" | ")[1]: line.split(" | ") for line in table.splitlines()[2:]}
-    assert rows["cam"][2] == "61.50 ± 0.50" and rows["cam"][4] == "+10.00"  # later phases: 51.5 vs 41.5
+    assert rows["cam"][2] == "61.50 ± 0.50" and rows["cam"][4] == "+10.00 ± 0.00 (n=2)"  # later phases: 51.5 vs 41.5, per seed
     assert rows["off"][4] == "–"
 
 
