@@ -29,11 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from cim_plugin.core.bilevel import BilevelSettings, bn_batch_statistics, mask_step, outer_loss
 from cim_plugin.core.branch import PAUBranch
-from cim_plugin.core.cam import class_activation_maps
+from cim_plugin.pycil import nets
 from cim_plugin.core.pau import use_fused_pau
 
 VARIANTS = {"reference": False, "fused": True}
@@ -113,17 +112,8 @@ def make_setup(batch: int, size: int, classes: int, width: int = 64, dtype=torch
         for p in branch.parameters():
             p.add_(0.02 * torch.randn(p.shape).to(dtype))  # drawn in float32: same point in float64
 
-    def branch_outputs(x, y):  # cim_plugin.pycil.learner._cim_branch_outputs for one backbone
-        maps, feats = [], []
-        for i, bb in enumerate([net.convnet]):
-            params = {n: p.detach() for n, p in bb.named_parameters()}
-            with branch.activated(i):
-                out = functional_call(bb, params, (x,))
-            maps.append(out["fmaps"][-1])
-            feats.append(out["features"])
-        fmap, feat = torch.cat(maps, dim=1), torch.cat(feats, dim=1)
-        logits = net.fc(feat)["logits"]
-        return class_activation_maps(fmap, net.fc.weight.detach(), y), logits
+    def branch_outputs(x, y):  # the adapter's own function (cim_plugin.pycil.nets.branch_outputs)
+        return nets.branch_outputs(net, branch, x, y)
 
     def cil_loss(outputs, x, y):
         return F.cross_entropy(outputs["logits"], y)

@@ -26,14 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from torch.func import functional_call
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..config import CIMConfig
 from ..core.bilevel import BilevelSettings, mask_step
 from ..core.branch import PAUBranch
 from ..atomic import atomic_open
-from ..core.cam import class_activation_maps, normalize_cams, upsample_cams
+from ..core.cam import normalize_cams, upsample_cams
 from ..core.boxes import box_area_fraction
 from ..core.codec import blend_compress
 from ..core.diagnostics import box_recall, image_mse, psnr_db, recall_area_curve
@@ -44,7 +43,7 @@ from .data import ArtefactAugmentedDataset, AugmentState, Normalizer, PluginData
 from .losses import cil_loss_for
 from .results import run_base
 from .nets import (
-    backbones, cam_and_features, classifier_weight, eval_mode, extract_vector, feature_dim, maps_and_features,
+    backbones, branch_outputs, cam_and_features, eval_mode, extract_vector, feature_dim, maps_and_features,
     trained_backbones_batch_statistics, unwrap,
 )
 
@@ -279,20 +278,8 @@ class CIMLearnerMixin:
         return self._cim_branch
 
     def _cim_branch_outputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw CAM ``[B, h, w]`` and classifier logits of the branch; differentiable in φ only
-        (θ and ω are read detached)."""
-        net = unwrap(self._network)
-        branch = self._cim_sync_branch()
-        maps, feats = [], []
-        for i, bb in enumerate(backbones(net)):
-            params = {n: p.detach() for n, p in bb.named_parameters()}
-            with branch.activated(i):
-                out = functional_call(bb, params, (x,))
-            maps.append(out["fmaps"][-1])
-            feats.append(out["features"])
-        fmap, feat = torch.cat(maps, dim=1), torch.cat(feats, dim=1)
-        logits = net.fc(feat)["logits"]  # the CIL classifier on the branch's features
-        return class_activation_maps(fmap, classifier_weight(net).detach(), y), logits
+        """Raw CAM ``[B, h, w]`` and classifier logits of the branch (``nets.branch_outputs``)."""
+        return branch_outputs(self._network, self._cim_sync_branch(), x, y)
 
     def _cim_meta_set(self):
         """The mask steps' data: the phase's clean new-class images (PyCIL's own dataset, without

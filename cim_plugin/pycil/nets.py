@@ -106,3 +106,22 @@ def trained_backbones_batch_statistics(net: nn.Module):
             if any(p.requires_grad for p in bb.parameters()):
                 stack.enter_context(bn_batch_statistics(bb))
         yield net
+
+
+def branch_outputs(net: nn.Module, branch, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw CAM ``[B, h, w]`` of class ``y`` and the CIL classifier's logits, both through the CIM
+    branch (``branch``: a ``PAUBranch`` over ``backbones(net)``); differentiable in φ only (θ and
+    ω are read detached)."""
+    from torch.func import functional_call
+
+    net = unwrap(net)
+    maps, feats = [], []
+    for i, bb in enumerate(backbones(net)):
+        params = {n: p.detach() for n, p in bb.named_parameters()}
+        with branch.activated(i):
+            out = functional_call(bb, params, (x,))
+        maps.append(out["fmaps"][-1])
+        feats.append(out["features"])
+    fmap, feat = torch.cat(maps, dim=1), torch.cat(feats, dim=1)
+    logits = net.fc(feat)["logits"]  # the CIL classifier on the branch's features
+    return class_activation_maps(fmap, classifier_weight(net).detach(), y), logits
