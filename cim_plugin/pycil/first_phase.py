@@ -60,8 +60,7 @@ class FirstPhaseMixin:
         if problems:
             raise CheckpointError(f"key 'cim_first_phase_from': {path} belongs to another setting:\n"
                                   + "\n".join(f"  - {p}" for p in problems))
-        result = self._network.load_state_dict(saved_net.state_dict(), strict=True)
-        del result
+        self._network.load_state_dict(saved_net.state_dict(), strict=True)
         set_rng_states(payload["rng"])
         log.info("cim-plugin: first phase loaded from %s (state sha256 %s): phase-0 training skipped",
                  path, payload.get("digest"))

@@ -440,18 +440,8 @@ class CIMLearnerMixin:
             "area": box_area_fraction(stored_boxes, size).numpy(),
             "mse": image_mse(torch.from_numpy(raw[ranked]), torch.from_numpy(recon)).numpy(),
         }
-        if cams is not None:
-            norm, _ = normalize_cams(cams.float())
-            curve = recall_area_curve(norm, torch.from_numpy(truth), size, self._cim_memory.factor)
-            acc = self._cim_phase_diag.setdefault("tau_curve_sums", {"n": 0, "rows": None})
-            n = len(truth)
-            if acc["rows"] is None:
-                acc["rows"] = [{k: (v if k == "tau" else v * n) for k, v in r.items()} for r in curve]
-            else:
-                for row, r in zip(acc["rows"], curve):
-                    for k in ("mean_box_area", "mean_recall", "fallback_share"):
-                        row[k] += r[k] * n
-            acc["n"] += n
+        if cams is not None:  # the τ curve is computed over all of the phase's candidates at once
+            self._cim_phase_diag.setdefault("cams", []).append((normalize_cams(cams.float())[0], torch.from_numpy(truth)))
 
     def cim_diagnostics(self) -> dict | None:
         """This phase's diagnostics (datasets that know their object boxes), or None:
@@ -471,9 +461,10 @@ class CIMLearnerMixin:
         }}
         if "augmentation" in self._cim_phase_diag:
             out["augmentation"] = self._cim_phase_diag["augmentation"]
-        acc = self._cim_phase_diag.get("tau_curve_sums")
-        if acc and acc["n"]:
-            out["tau_curve"] = [{k: (v if k == "tau" else v / acc["n"]) for k, v in r.items()} for r in acc["rows"]]
+        cams = self._cim_phase_diag.get("cams")
+        if cams:
+            norm, truth = torch.cat([c for c, _ in cams]), torch.cat([t for _, t in cams])
+            out["tau_curve"] = recall_area_curve(norm, truth, mem.image_shape[:2], mem.factor)
         return out
 
     def _cim_write_gallery(self) -> None:
