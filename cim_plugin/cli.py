@@ -10,9 +10,10 @@ Subcommands:
 Adding a subcommand (e.g. ``demo``):
   1. put its logic in its own module (``cim_plugin/demo.py``), raising ``UserError`` (or an error
      the handler turns into one) for anything the user must fix;
-  2. here, write ``_add_demo(sub)`` that declares its arguments and ``set_defaults(func=_run_demo)``,
-     and ``_run_demo(args) -> int`` that imports the module *inside* the function (so that
-     ``cim-plugin where`` never pays for importing torch) and calls it;
+  2. here, write ``_add_demo(sub)`` that declares it with ``_subcommand(sub, "demo", _run_demo, help=...)``
+     and adds its arguments, and ``_run_demo(args) -> int``, whose docstring is the command's
+     description, that imports the module *inside* the function (so that ``cim-plugin where``
+     never pays for importing torch) and calls it;
   3. append ``_add_demo`` to ``SUBCOMMANDS``.
 ``main`` prints a ``UserError`` as ``cim-plugin <command>: error: <message>`` on stderr and exits
 with status 2, without a traceback.
@@ -21,8 +22,10 @@ with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from typing import Callable, Iterator
 
 
 class UserError(Exception):
@@ -34,24 +37,35 @@ def _echo(line: str) -> None:
     print(line, end="", flush=True)
 
 
+@contextlib.contextmanager
+def _user_errors(*errors: type[Exception]) -> Iterator[None]:
+    """Within the block, ``errors`` (a module's errors for problems the user can fix) are UserErrors."""
+    try:
+        yield
+    except errors as err:
+        raise UserError(str(err)) from None
+
+
+def _subcommand(sub, name: str, run: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    """Declare the subcommand ``name``, carried out by ``run(args) -> exit status``, whose docstring
+    is the description ``--help`` prints; returns its parser, for its arguments."""
+    p = sub.add_parser(name, help=help, description=" ".join((run.__doc__ or "").split()))
+    p.set_defaults(func=run)
+    return p
+
+
 # ------------------------------------------------------------------------------------- patch
 
 
 def _add_patch(sub) -> None:
-    p = sub.add_parser(
-        "patch",
-        help="patch a PyCIL checkout for cim-plugin (safe to run again)",
-        description=(
-            "Apply cim-plugin's patches/ to a git checkout of PyCIL at the pinned commit, link the "
-            "plugin's exps/*.json into its exps/ folder and record where it is. Checks everything "
-            "first and changes nothing if a check fails; running it again changes nothing."
-        ),
-    )
+    p = _subcommand(sub, "patch", _run_patch, help="patch a PyCIL checkout for cim-plugin (safe to run again)")
     p.add_argument("pycil_dir", metavar="PYCIL_DIR", help="the top folder of your PyCIL git clone")
-    p.set_defaults(func=_run_patch)
 
 
 def _run_patch(args) -> int:
+    """Apply cim-plugin's patches/ to a git checkout of PyCIL at the pinned commit, link the
+    plugin's exps/*.json into its exps/ folder and record where it is. Checks everything first
+    and changes nothing if a check fails; running it again changes nothing."""
     from cim_plugin import patching
 
     try:
@@ -68,19 +82,12 @@ def _run_patch(args) -> int:
 
 
 def _add_where(sub) -> None:
-    p = sub.add_parser(
-        "where",
-        help="show the PyCIL checkout cim-plugin uses and whether it is patched",
-        description=(
-            "Show the PyCIL checkout cim-plugin finds (PYCIL_ROOT, else the one recorded by "
-            "`cim-plugin patch`), its commit and whether it is patched. Exits with status 1 if "
-            "none is found."
-        ),
-    )
-    p.set_defaults(func=_run_where)
+    _subcommand(sub, "where", _run_where, help="show the PyCIL checkout cim-plugin uses and whether it is patched")
 
 
 def _run_where(args) -> int:
+    """Show the PyCIL checkout cim-plugin finds (PYCIL_ROOT, else the one recorded by
+    `cim-plugin patch`), its commit and whether it is patched. Exits with status 1 if none is found."""
     from cim_plugin import locate, patching
 
     root, reason = locate.find_pycil_root()
@@ -95,110 +102,90 @@ def _run_where(args) -> int:
     return 0
 
 
-# -------------------------------------------------------------------------------------- demo
+# ------------------------------------------------------------------------------ demo, ablate
+
+
+def _add_run_options(p, variants: tuple[str, ...], out: str, out_help: str) -> None:
+    """The options of the subcommands that run PyCIL (demo, ablate): the variants to run (default
+    ``variants``), first phases shared or not, the output folder (default ``out``), echo or not."""
+    from cim_plugin.config import ABLATION_VARIANTS
+
+    p.add_argument("--variants", nargs="+", default=list(variants), choices=list(ABLATION_VARIANTS),
+                   help="variants to run per learner (default: " + " ".join(variants) + ")")
+    p.add_argument("--independent", action="store_true",
+                   help="train every variant's first phase itself (default: the 'off' run of each learner and seed "
+                        "trains phase 0 once and every variant starts from that model, building its own memory)")
+    p.add_argument("--out", default=out, help=f"{out_help} (default: ./{out})")
+    p.add_argument("--verbose", action="store_true", help="echo PyCIL's output while it runs")
 
 
 def _add_demo(sub) -> None:
-    from cim_plugin.config import ABLATION_VARIANTS
+    from cim_plugin.config import SUPPORTED_LEARNERS
 
-    p = sub.add_parser(
-        "demo",
-        help="plugin off vs on on the built-in synthetic set, printing the comparison",
-        description=(
-            "Run the ablation runner on exps/<learner>_cim_demo.json with seed 1993 in the patched PyCIL "
-            "checkout (PYCIL_ROOT, else the recorded one): 'off' trains the first phase, the plugin run starts "
-            "from the same model and builds its own memory; then print and save a comparison: accuracy per "
-            "phase, old/new classes, exemplars per class, box recall and area, bytes against the budget, wall time."
-        ),
-    )
-    p.add_argument("--learners", nargs="+", default=["icarl"], choices=["icarl", "der", "foster", "lucir"],
+    p = _subcommand(sub, "demo", _run_demo,
+                    help="plugin off vs on on the built-in synthetic set, printing the comparison")
+    p.add_argument("--learners", nargs="+", default=["icarl"], choices=list(SUPPORTED_LEARNERS),
                    help="learners to compare (default: icarl)")
-    p.add_argument("--variants", nargs="+", default=["off", "pau"], choices=list(ABLATION_VARIANTS),
-                   help="runs per learner (default: off pau); e.g. off cam pau oracle")
-    p.add_argument("--independent", action="store_true", help="every run trains its own first phase")
-    p.add_argument("--out", default="cim_demo", help="folder for the runs and comparison.md (default: ./cim_demo)")
-    p.add_argument("--verbose", action="store_true", help="echo PyCIL's output while it runs")
-    p.set_defaults(func=_run_demo)
+    _add_run_options(p, ("off", "pau"), "cim_demo", "folder for the runs and comparison.md")
 
 
 def _run_demo(args) -> int:
+    """Run the ablation runner on exps/<learner>_cim_demo.json with seed 1993 in the patched
+    PyCIL checkout (PYCIL_ROOT, else the recorded one): 'off' trains the first phase, the plugin
+    run starts from the same model and builds its own memory; then print and save a comparison:
+    accuracy per phase, old/new classes, exemplars per class, box recall and area, bytes against
+    the budget, wall time."""
     from pathlib import Path
 
     from cim_plugin import demo
 
-    echo = _echo if args.verbose else None
-    try:
-        demo.run_demo(args.learners, Path(args.out), echo=echo, variants=args.variants,
+    with _user_errors(demo.DemoError):
+        demo.run_demo(args.learners, Path(args.out), echo=_echo if args.verbose else None, variants=args.variants,
                       shared_first_phase=not args.independent)
-    except demo.DemoError as err:
-        raise UserError(str(err)) from None
     return 0
 
 
-# ------------------------------------------------------------------------------------ ablate
-
-
 def _add_ablate(sub) -> None:
-    from cim_plugin.ablation import VARIANTS
+    from cim_plugin.config import ABLATION_VARIANTS
 
-    p = sub.add_parser(
-        "ablate",
-        help="run plugin variants x seeds (x learners) at the same memory budget; resumable",
-        description=(
-            "For each PyCIL JSON (one per learner), run PyCIL's main.py for every variant and seed: "
-            "off = plain exemplars, uniform / random / cam / pau = CIM with that mask source (pau with "
-            "the config's cim_bilevel). Only cim, cim_mask, seed and prefix change between runs, so all "
-            "runs of a learner share the memory budget. Finished runs in OUT are skipped; crashed or "
-            "killed ones run again. Writes OUT/aggregate.md, aggregate.csv, runs.csv and figures/*.png."
-        ),
-    )
+    p = _subcommand(sub, "ablate", _run_ablate,
+                    help="run plugin variants x seeds (x learners) at the same memory budget; resumable")
     p.add_argument("configs", nargs="+", metavar="CONFIG",
                    help="PyCIL JSON files, one per learner (a relative path is also looked up in the PyCIL checkout)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                   help="default: all of " + " ".join(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995], help="default: 1993 1994 1995")
-    p.add_argument("--out", default="cim_ablation", help="output folder (default: ./cim_ablation)")
     p.add_argument("--force", action="store_true", help="run again finished runs whose config changed")
-    p.add_argument("--independent", action="store_true",
-                   help="train every variant's first phase itself (default: the 'off' run of each learner and seed "
-                        "trains phase 0 once and every variant starts from that model, building its own memory)")
     p.add_argument("--no-figures", action="store_true", help="tables only")
-    p.add_argument("--verbose", action="store_true", help="echo PyCIL's output while it runs")
-    p.set_defaults(func=_run_ablate)
+    _add_run_options(p, ABLATION_VARIANTS, "cim_ablation", "output folder")
 
 
 def _run_ablate(args) -> int:
+    """For each PyCIL JSON (one per learner), run PyCIL's main.py for every variant and seed:
+    off = plain exemplars, uniform / random / cam / pau = CIM with that mask source (pau with
+    the config's cim_bilevel). Only cim, cim_mask, seed and prefix change between runs, so all
+    runs of a learner share the memory budget. Finished runs in OUT are skipped; crashed or
+    killed ones run again. Writes OUT/aggregate.md, aggregate.csv, runs.csv and figures/*.png."""
     from cim_plugin import ablation
 
-    echo = _echo if args.verbose else None
-    try:
+    with _user_errors(ablation.AblationError):
         outcome, _ = ablation.run_ablation(args.configs, args.variants, args.seeds, args.out, force=args.force,
-                                           echo=echo, figures=not args.no_figures,
+                                           echo=_echo if args.verbose else None, figures=not args.no_figures,
                                            shared_first_phase=not args.independent)
-    except ablation.AblationError as err:
-        raise UserError(str(err)) from None
     return 1 if outcome["failed"] else 0
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="write the tables and figures of an ablation folder again",
-        description="Read OUT/runs/*/results.json of finished runs and write aggregate.md, aggregate.csv, "
-                    "runs.csv and figures/*.png (mean ± std over seeds, one row per learner × variant).",
-    )
+    p = _subcommand(sub, "report", _run_report, help="write the tables and figures of an ablation folder again")
     p.add_argument("out", metavar="OUT", help="the ablation's output folder")
     p.add_argument("--no-figures", action="store_true", help="tables only")
-    p.set_defaults(func=_run_report)
 
 
 def _run_report(args) -> int:
+    """Read OUT/runs/*/results.json of finished runs and write aggregate.md, aggregate.csv,
+    runs.csv and figures/*.png (mean ± std over seeds, one row per learner × variant)."""
     from cim_plugin import ablation
 
-    try:
+    with _user_errors(ablation.AblationError):
         written = ablation.report(args.out, figures=not args.no_figures)
-    except ablation.AblationError as err:
-        raise UserError(str(err)) from None
     print(written["aggregate.md"].read_text())
     for path in written.values():
         print(f"wrote {path}")

@@ -5,28 +5,36 @@ that dict (flat, with the paper's names, so PyCIL users feel at home), fills in 
 defaults (../shared/docs/method.md §5) and validates every key it reads *before* anything is
 loaded: an unknown plugin key, a wrong type or an out-of-range value stops the run with one error
 that lists every problem with its key, its value and what is allowed.
+
+Each plugin key is defined once, as a field declared with ``key(default, check, doc)``: its name,
+type, default, check and the one-line doc of the README's key table. ``CIMConfig`` holds the keys of
+the method, ``DataKeys`` those of the plugin's datasets; ``PLUGIN_KEYS`` (name -> check) and
+``key_table_markdown()`` (the README's table, checked by tests/test_readme_keys.py) derive from them.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, Mapping
+
+# BILEVEL_MODES and MASK_SOURCES: the core's vocabularies, also importable from here
+from .core.choices import BILEVEL_MODES, MASK_SOURCES, SQUARE_RATIOS, downsample_factor
+from .data.synthetic import SyntheticSpec
 
 #: Learners the plugin can extend.
 SUPPORTED_LEARNERS = ("icarl", "der", "foster", "lucir")
-#: Mask sources: how the full-resolution box of an exemplar is chosen.
-MASK_SOURCES = ("pau", "cam", "uniform", "random", "oracle")
-#: The ablation's variants in table order (method.md §6): plain exemplars, uniform downsampling,
-#: a random box, the CIL model's CAM, CIM with the PAU branch, and the true object box (a
-#: diagnostic for datasets that know their objects' boxes).
-ABLATION_VARIANTS = ("off", "uniform", "random", "cam", "pau", "oracle")
-#: How the PAU branch's coefficients are trained: the paper's bilevel step, without the inner
-#: step ("joint"), or not at all ("none": frozen at the ReLU fit).
-BILEVEL_MODES = ("bilevel", "joint", "none")
+#: The ablation's variants in table order (method.md §6): plain exemplars ("off"), then each mask
+#: source (core/choices.py: uniform downsampling, a random box, the CIL model's CAM, CIM with the
+#: PAU branch, and the true object box, a diagnostic for datasets that know their objects' boxes).
+ABLATION_VARIANTS = ("off", *MASK_SOURCES)
 #: Prefixes that mark a key as the plugin's own (an unknown key with such a prefix is an error).
 PLUGIN_PREFIXES = ("cim_", "synthetic_")
+
+#: A key's check: the value -> None if it is allowed, else what is allowed ("must be ...").
+Check = Callable[[Any], str | None]
 
 
 class ConfigError(ValueError):
@@ -50,7 +58,7 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def int_in(lo: int, hi: int | None = None) -> Callable[[Any], str | None]:
+def int_in(lo: int, hi: int | None = None) -> Check:
     def check(v: Any) -> str | None:
         if not _is_int(v):
             return f"must be an integer{_range_text(lo, hi)}"
@@ -61,7 +69,7 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[Any], str | None]:
     return check
 
 
-def number_in(lo: float, hi: float | None = None, hi_open: bool = False) -> Callable[[Any], str | None]:
+def number_in(lo: float, hi: float | None = None, hi_open: bool = False) -> Check:
     def check(v: Any) -> str | None:
         ok = _is_number(v) and v >= lo and (hi is None or (v < hi if hi_open else v <= hi))
         if ok:
@@ -76,7 +84,7 @@ def boolean(v: Any) -> str | None:
     return None if isinstance(v, bool) else "must be true or false"
 
 
-def one_of(*allowed: str) -> Callable[[Any], str | None]:
+def one_of(*allowed: str) -> Check:
     def check(v: Any) -> str | None:
         return None if v in allowed else "must be one of " + ", ".join(f'"{a}"' for a in allowed)
 
@@ -84,15 +92,15 @@ def one_of(*allowed: str) -> Callable[[Any], str | None]:
 
 
 def square_ratio(v: Any) -> str | None:
-    if not _is_number(v) or v < 4:
-        return "must be the square of an integer >= 2 (4, 9, 16, ...)"
-    s = round(math.sqrt(v))
-    if abs(s * s - v) > 1e-9:
-        return "must be the square of an integer >= 2 (4, 9, 16, ...): each side is downsampled by sqrt(ratio)"
+    """The codec's rule (core/choices.py ``downsample_factor``)."""
+    try:
+        downsample_factor(v)
+    except ValueError:
+        return f"must be {SQUARE_RATIOS}: each side is downsampled by sqrt(ratio)"
     return None
 
 
-def int_list(lo: int = 0) -> Callable[[Any], str | None]:
+def int_list(lo: int = 0) -> Check:
     def check(v: Any) -> str | None:
         if isinstance(v, list) and all(_is_int(x) and x >= lo for x in v):
             return None
@@ -110,51 +118,99 @@ def _range_text(lo: int, hi: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The plugin's keys
+
+
+def key(default: Any, check: Check, doc: str, shown: str | None = None) -> Any:
+    """A dataclass field that is a plugin key: its default, its check and its one-line doc (the
+    README's key table row). ``shown``: the default as the table shows it, when the field's default
+    is not what a run gets (``cim_checkpoint``); a default of None means "unset"."""
+    return field(default=default, metadata={"check": check, "doc": doc, "shown": shown})
 
 
 @dataclass(frozen=True)
 class CIMConfig:
     """The plugin's settings; every field is a flat key of the PyCIL JSON with the same name."""
 
-    cim: bool = False
-    cim_mask: str = "pau"
-    compress_ratio: float = 4.0
-    mask_threshold: float = 0.6
-    cam_update_interval: int = 40
-    randombbxblur_prob_incre: float = 0.1
-    cam_batch_size: int = 16
-    cim_storage_size: int = 224
-    #: Classes whose top-ranked exemplar is kept (original, CAM, box, reconstruction) in
-    #: ``<log>_gallery.npz`` for the gallery figure; 0 = none.
-    cim_gallery: int = 16
-    cim_bilevel: str = "bilevel"
-    cim_train_old_paus: bool = False
-    meta_batch_size: int = 16
-    num_meta_iters_per_cls: float = 0.5
-    lr_ratio: float = 0.1
-    phi_lr: float = 0.01
-    #: Adam weight decay of φ (the official code's 5e-4).
-    phi_weight_decay: float = 5e-4
-    max_phi_grad_norm: float = 1.0
-    div_coef: float = 0.2
-    reg_coef: float = 0.1
-    cim_check_images: bool = False
-    cim_seed: bool = True
-    deterministic: bool = False
-    #: Write a checkpoint at the end of every phase (default: the value of ``cim_resume``).
-    cim_checkpoint: bool = False
-    #: Continue from the checkpoints of an earlier run with the same log name (see pycil/checkpoint.py).
-    cim_resume: bool = False
-    #: A phase-0 checkpoint (``<log>_ckpt/task_0.pt`` of a run with the same learner, data and
-    #: backbone) to start from instead of training phase 0 (see pycil/first_phase.py).
-    cim_first_phase_from: str | None = None
+    cim: bool = key(False, boolean, "turn the plugin on (iCaRL, LUCIR, DER, FOSTER)")
+    cim_mask: str = key(
+        "pau", one_of(*MASK_SOURCES),
+        'mask source: `"pau"` (CAM of the CIM branch: PAU activations, shared conv/BN), `"cam"` '
+        '(fixed-threshold CAM of the CIL model), `"uniform"` (whole image downsampled, no box), `"random"` '
+        '(a box of the CAM box\'s size at a random place), `"oracle"` (the true object box, grid-aligned: '
+        "a diagnostic for datasets that know their boxes — the synthetic set)")
+    cim_bilevel: str = key(
+        "bilevel", one_of(*BILEVEL_MODES),
+        'how φ (the PAU coefficients) is trained: `"bilevel"` (inner SGD step on CAM-compressed inputs, '
+        'outer loss on clean ones), `"joint"` (outer loss without the inner step), `"none"` (φ frozen at '
+        "the ReLU fit)")
+    num_meta_iters_per_cls: float = key(
+        0.5, number_in(0.0), "mask steps after each CIL epoch = new classes × this")
+    meta_batch_size: int = key(16, int_in(2), "batch size of each of the two batches of a mask step")
+    lr_ratio: float = key(0.1, number_in(0.0), "inner step size of a mask step = current CIL lr × this")
+    phi_lr: float = key(0.01, number_in(0.0), "Adam lr of φ (cosine schedule over the stage)")
+    max_phi_grad_norm: float = key(1.0, number_in(0.0), "φ gradient-norm clip")
+    phi_weight_decay: float = key(5e-4, number_in(0.0), "Adam weight decay of φ (the official code's)")
+    div_coef: float = key(0.2, number_in(0.0), "weight of the branch's CE term in the outer loss")
+    reg_coef: float = key(0.1, number_in(0.0), "weight of the mask regulariser mean(M²) in the outer loss")
+    cim_train_old_paus: bool = key(
+        False, boolean,
+        "DER/FOSTER: whether the PAUs of old backbones keep training (an explicit choice, not a side "
+        "effect of frozen convs)")
+    compress_ratio: float = key(
+        4.0, square_ratio,
+        "area ratio outside the box; must be a square (4, 9, 16, …): each side is downsampled by its root")
+    mask_threshold: float = key(0.6, number_in(0.0, 1.0, hi_open=True), "CAM threshold τ in [0, 1)")
+    cam_update_interval: int = key(
+        40, int_in(1), "epochs between refreshes of the new-class boxes used for the artefact augmentation")
+    randombbxblur_prob_incre: float = key(
+        0.1, number_in(0.0, 1.0), "share of new-class images compressed on the fly, added at every refresh")
+    cam_batch_size: int = key(16, int_in(1), "batch size of the CAM / feature passes")
+    cim_storage_size: int = key(
+        224, int_in(8, 4096),
+        "storage side S for path datasets (ImageNet): shorter side resized to S·256/224, centre S×S crop, "
+        "i.e. PyCIL's test geometry; array datasets are stored at their own size")
+    cim_gallery: int = key(
+        16, int_in(0, 1000),
+        "classes (the first ones learnt) whose top-ranked exemplar is saved as original, CAM, box and "
+        "reconstruction in `<log>_gallery.npz` for the gallery figure; `0` = none")
+    cim_check_images: bool = key(
+        False, boolean,
+        "`imagenet100` / `imagenet1000` folders: decode every file once when the data is loaded (before "
+        "training; threads, JPEG at reduced scale) and leave unreadable ones out of `train/` and `val/`, "
+        "each named in a warning. Plugin on or off")
+    cim_seed: bool = key(
+        True, boolean,
+        "seed python `random`, numpy and torch (CPU and CUDA) with the run's `seed` before the run (PyCIL "
+        "itself seeds torch with a constant 1 and uses `seed` only for the class order); `false` keeps "
+        "PyCIL's behaviour. Plugin on or off")
+    deterministic: bool = key(
+        False, boolean,
+        "also `torch.use_deterministic_algorithms(True, warn_only=True)` (warn-only: the CUDA backward of "
+        "`AdaptiveAvgPool2d`, in every ResNet, has no deterministic kernel and would stop the run), cudnn "
+        "deterministic, benchmark off, `CUBLAS_WORKSPACE_CONFIG=:4096:8`")
+    cim_checkpoint: bool = key(
+        False, boolean,
+        "write a checkpoint at the end of every phase (any learner, plugin on or off; see *Checkpoints and "
+        "resuming*)",
+        shown="value of `cim_resume`")
+    cim_resume: bool = key(
+        False, boolean,
+        "continue from the checkpoints of an earlier run with the same log name (needs `cim_checkpoint`, "
+        "so `false` there is refused)")
+    cim_first_phase_from: str | None = key(
+        None, path_text,
+        "a phase-0 checkpoint (`<log>_ckpt/task_0.pt` of a run with the same learner, dataset, class order "
+        "and backbone): phase 0 is loaded instead of trained, and the run builds its own memory from that "
+        "model (see *Shared first phase*). Plugin on or off")
+    #: PyCIL's own keys, copied for the plugin's parts (validated in pycil/checks.py, not plugin keys).
     model_name: str = ""
     seed: int = 1993
 
     @property
     def downsample_factor(self) -> int:
         """Side factor s = sqrt(compress_ratio) (an integer, validated)."""
-        return round(math.sqrt(self.compress_ratio))
+        return downsample_factor(self.compress_ratio)
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any], source: str = "the config") -> "CIMConfig":
@@ -172,44 +228,37 @@ class CIMConfig:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class DataKeys:
+    """The plugin's dataset keys: pycil/hook.py and pycil/data.py read them from the args
+    themselves; declared here so that they are validated and documented with the others. The
+    synthetic set's defaults are ``SyntheticSpec``'s."""
+
+    data_root: str | None = key(
+        None, path_text,
+        "`imagenet100` / `imagenet1000`: folder with `train/` and `val/` class folders; `synthetic`: cache folder")
+    synthetic_num_classes: int = key(
+        SyntheticSpec.num_classes, int_in(2), 'classes of the built-in synthetic set (`"dataset": "synthetic"`)')
+    synthetic_image_size: int = key(
+        SyntheticSpec.image_size, int_in(32, 256), "image side of the synthetic set, in pixels")
+    synthetic_train_per_class: int = key(
+        SyntheticSpec.train_per_class, int_in(2), "training images per class of the synthetic set")
+    synthetic_test_per_class: int = key(
+        SyntheticSpec.test_per_class, int_in(1), "test images per class of the synthetic set")
+    synthetic_seed: int = key(SyntheticSpec.seed, int_in(0), "seed the synthetic set is generated from")
+
+
+#: Every plugin key's field (name, type, default, ``metadata``: check, doc, shown), in table order.
+PLUGIN_FIELDS: tuple[Field, ...] = tuple(
+    f for cls in (CIMConfig, DataKeys) for f in fields(cls) if "check" in f.metadata
+)
+
 #: Every key the plugin reads, with its check. Keys of PyCIL's iCaRL/DER module constants are
-#: included: with the plugin installed they can be set from the JSON (see pycil/hparams.py).
-PLUGIN_KEYS: dict[str, Callable[[Any], str | None]] = {
-    "cim": boolean,
-    "cim_mask": one_of(*MASK_SOURCES),
-    "compress_ratio": square_ratio,
-    "mask_threshold": number_in(0.0, 1.0, hi_open=True),
-    "cam_update_interval": int_in(1),
-    "randombbxblur_prob_incre": number_in(0.0, 1.0),
-    "cam_batch_size": int_in(1),
-    "cim_storage_size": int_in(8, 4096),
-    "cim_gallery": int_in(0, 1000),
-    "cim_bilevel": one_of(*BILEVEL_MODES),
-    "cim_train_old_paus": boolean,
-    "meta_batch_size": int_in(2),
-    "num_meta_iters_per_cls": number_in(0.0),
-    "lr_ratio": number_in(0.0),
-    "phi_lr": number_in(0.0),
-    "phi_weight_decay": number_in(0.0),
-    "max_phi_grad_norm": number_in(0.0),
-    "div_coef": number_in(0.0),
-    "reg_coef": number_in(0.0),
-    "cim_checkpoint": boolean,
-    "cim_resume": boolean,
-    "cim_first_phase_from": path_text,
-    "data_root": path_text,
-    "cim_check_images": boolean,
-    "cim_seed": boolean,
-    "deterministic": boolean,
-    "synthetic_num_classes": int_in(2),
-    "synthetic_image_size": int_in(32, 256),
-    "synthetic_train_per_class": int_in(2),
-    "synthetic_test_per_class": int_in(1),
-    "synthetic_seed": int_in(0),
-}
+#: in MODULE_HPARAM_KEYS: with the plugin installed they can be set from the JSON (see pycil/hparams.py).
+PLUGIN_KEYS: dict[str, Check] = {f.name: f.metadata["check"] for f in PLUGIN_FIELDS}
 
 #: PyCIL's iCaRL / DER module-level hyper-parameters, settable from the JSON through the plugin.
-MODULE_HPARAM_KEYS: dict[str, Callable[[Any], str | None]] = {
+MODULE_HPARAM_KEYS: dict[str, Check] = {
     "init_epoch": int_in(0),
     "init_lr": number_in(0.0),
     "init_milestones": int_list(0),
@@ -227,7 +276,7 @@ MODULE_HPARAM_KEYS: dict[str, Callable[[Any], str | None]] = {
 
 #: LUCIR's own keys (the plugin's learner, pycil/lucir.py, where the paper's defaults live). Its
 #: schedule is read from the MODULE_HPARAM_KEYS names above (init_epoch, lrate, milestones, ...).
-LUCIR_KEYS: dict[str, Callable[[Any], str | None]] = {
+LUCIR_KEYS: dict[str, Check] = {
     "lambda_base": number_in(0.0),
     "K": int_in(1),
     "margin": number_in(0.0),
@@ -240,21 +289,21 @@ def validate_args(args: Mapping[str, Any]) -> list[str]:
     """All problems with the keys the plugin reads (empty list = fine)."""
     problems: list[str] = []
     checks = {**PLUGIN_KEYS, **MODULE_HPARAM_KEYS, **LUCIR_KEYS}
-    for key, check in checks.items():
-        if key in args:
-            err = check(args[key])
+    for arg, check in checks.items():
+        if arg in args:
+            err = check(args[arg])
             if err:
-                problems.append(f"key '{key}' = {args[key]!r}: {err}")
+                problems.append(f"key '{arg}' = {args[arg]!r}: {err}")
     known = set(checks)
-    for key in args:
-        if key in known:
+    for arg in args:
+        if arg in known:
             continue
-        if key.startswith(PLUGIN_PREFIXES):
-            problems.append(f"key '{key}' is not a cim-plugin key{_did_you_mean(key, known)}")
+        if arg.startswith(PLUGIN_PREFIXES):
+            problems.append(f"key '{arg}' is not a cim-plugin key{_did_you_mean(arg, known)}")
         else:
-            close = difflib.get_close_matches(key, list(PLUGIN_KEYS), n=1, cutoff=0.85)
-            if close and key not in PYCIL_KEYS:
-                problems.append(f"key '{key}' is unknown (did you mean '{close[0]}'?)")
+            close = difflib.get_close_matches(arg, list(PLUGIN_KEYS), n=1, cutoff=0.85)
+            if close and arg not in PYCIL_KEYS:
+                problems.append(f"key '{arg}' is unknown (did you mean '{close[0]}'?)")
     if args.get("cim_resume") is True and args.get("cim_checkpoint") is False:
         problems.append(
             "key 'cim_resume' = True needs the per-phase checkpoints: leave 'cim_checkpoint' out or set it to true"
@@ -269,8 +318,8 @@ def validate_args(args: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _did_you_mean(key: str, known: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+def _did_you_mean(arg: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(arg, sorted(known), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -281,3 +330,28 @@ PYCIL_KEYS = frozenset(
     lambda_okd wa_value init_epochs boosting_epochs compression_epochs lr batch_size weight_decay
     num_workers T csv_name time_str pretrained""".split()
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's key table
+
+
+#: The key table's row for the iCaRL/DER module constants (MODULE_HPARAM_KEYS): default and meaning.
+MODULE_HPARAM_ROW = ("PyCIL's constants", "with the plugin installed, iCaRL's and DER's module constants can be set "
+                     "from the JSON (each override is logged)")
+
+
+def shown_default(key_field: Field) -> str:
+    """A plugin key's default as the key table shows it: the JSON of the default in backticks
+    (`4.0`, `"pau"`, `false`), "–" for a key that is unset by default, or the field's ``shown``."""
+    if key_field.metadata["shown"] is not None:
+        return key_field.metadata["shown"]
+    return "–" if key_field.default is None else f"`{json.dumps(key_field.default)}`"
+
+
+def key_table_markdown() -> str:
+    """The README's key table (section "Keys"): a row per plugin key, then one for the module constants."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{f.name}` | {shown_default(f)} | {f.metadata['doc']} |" for f in PLUGIN_FIELDS]
+    rows.append(f"| {', '.join(f'`{k}`' for k in MODULE_HPARAM_KEYS)} | {' | '.join(MODULE_HPARAM_ROW)} |")
+    return "\n".join(rows) + "\n"

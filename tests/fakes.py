@@ -1,11 +1,17 @@
 """Fakes for tests: a tiny PyCIL-shaped network for learner tests that need no PyCIL (shared by
 several files), recording stand-ins for commands such as pip (the CI script's tests), and a fake
-PyCIL run for the ablation runner and the demo (``FakeRunner``)."""
+PyCIL run for the ablation runner and the demo (``FakeRunner``). Also, for the PyCIL-backed tests,
+the tiny setting they run (``TINY_RUN``), PyCIL's own main.py run on it (``run_main``,
+``results_of``) and what a plugin run's memory must show against a plain one's."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Mapping
 
-from cim_plugin.launch import RunError
+from cim_plugin.launch import RESULTS_MARK, RunError
 
 from torch import nn
 
@@ -35,6 +41,16 @@ class TinyNet(nn.Module):
 
     def extract_vector(self, x):
         return self.convnet(x)["features"]
+
+
+class FakeBaseLearner:
+    """The parts of PyCIL's BaseLearner the CIM mixin reads (compose it behind ``CIMLearnerMixin``)."""
+
+    def __init__(self, network=None, device="cpu"):
+        self._cur_task, self._device, self.args = 0, device, {"model_name": "icarl"}
+        self._known_classes, self._total_classes = 0, 3
+        self._network = TinyNet() if network is None else network
+        self._old_network = None
 
 
 def recording_commands(bin_dir: Path, names, log: Path) -> Path:
@@ -89,3 +105,44 @@ class FakeRunner:
             (Path(root) / f"{name}_ckpt").mkdir(exist_ok=True)
             (Path(root) / f"{name}_ckpt" / "task_0.pt").write_bytes(f"phase 0 of {name}".encode())
         return out, 1.0
+
+
+# ------------------------------------------------------------------ PyCIL's main.py, tiny setting
+
+#: The tiny class-incremental setting of the PyCIL-backed tests: 8 synthetic classes, 5 then 3, on the
+#: CPU, no loader processes; each test file adds the image size, counts, memory and backbone it needs.
+TINY_RUN = {"dataset": "synthetic", "synthetic_num_classes": 8, "init_cls": 5, "increment": 3, "shuffle": True,
+            "fixed_memory": False, "device": ["-1"], "seed": [1993], "num_workers": 0}
+
+
+def run_main(root: Path, config: dict, folder: Path, name: str,
+             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """PyCIL's main.py in the checkout ``root`` on ``config`` (written to ``folder/<name>.json``), with
+    the variables ``env`` added to the environment; the completed process, output captured."""
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "main.py", "--config", str(path)], cwd=root, env=full_env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def results_of(proc: subprocess.CompletedProcess, root: Path) -> dict:
+    """The results.json of a finished run of ``run_main`` (asserting it finished and wrote its log)."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULTS_MARK)]
+    assert lines, "the run printed no results path"
+    path = Path(lines[-1][len(RESULTS_MARK):].strip())
+    path = path if path.is_absolute() else root / path
+    assert path.name.endswith("_results.json") and path.with_name(path.name.replace("_results.json", ".log")).exists()
+    return json.loads(path.read_text())
+
+
+def assert_more_exemplars_in_no_more_bytes(off: dict, on: dict) -> None:
+    """Phase by phase, the plugin run's (``on``) compressed memory holds more exemplars per class than
+    the plain run's (``off``) and uses no more bytes of the same byte budget."""
+    for phase_off, phase_on in zip(off["phases"], on["phases"], strict=True):
+        m_off, m_on = phase_off["memory"], phase_on["memory"]
+        assert m_off["kind"] == "plain" and m_on["kind"] == "compressed"
+        assert m_on["budget_bytes"] == m_off["budget_bytes"] > 0
+        assert m_on["bytes_used"] <= m_on["budget_bytes"]
+        assert m_on["mean_exemplars_per_class"] > m_off["mean_exemplars_per_class"]

@@ -8,15 +8,16 @@ import torch
 from PIL import Image
 
 from cim_plugin.config import CIMConfig
+from cim_plugin.core.augmentation import ArtefactAugmentation
 from cim_plugin.core.memory import CompressedExemplarMemory
 from cim_plugin.pycil import data as D
 from cim_plugin.pycil.data import (
-    ArtefactAugmentedDataset, AugmentState, Normalizer, RobustPathDataset, check_image, drop_unreadable,
+    ArtefactAugmentedDataset, RobustPathDataset, check_image, drop_unreadable,
     load_path_image, scan_images, storage_crop, to_storage,
 )
 from cim_plugin.pycil.learner import CIMLearnerMixin
 
-from fakes import TinyNet
+from fakes import FakeBaseLearner
 
 S = 16  # storage side used throughout (small: the tests stay cheap)
 
@@ -183,7 +184,7 @@ def test_augmented_dataset_falls_back_to_pycils_item(files):
         def __len__(self):
             return 2
 
-    state = AugmentState(2)
+    state = ArtefactAugmentation(2, 1, 0.1)
     state.share, state.boxes = 1.0, np.array([[0, 8, 0, 8], [0, 8, 0, 8]])
     ds = ArtefactAugmentedDataset(Base(), state, S)
     assert ds[0] == (0, "pycil's own", 0)
@@ -194,21 +195,15 @@ def test_augmented_dataset_falls_back_to_pycils_item(files):
 # -- the learner: unreadable files are left out of the candidates / keep the full box ----------
 
 
-class FakeBase:
-    def __init__(self):
-        self._cur_task, self._device, self.args = 0, "cpu", {}
-        self._network = TinyNet()
-
-
-class Learner(CIMLearnerMixin, FakeBase):
+class Learner(CIMLearnerMixin, FakeBaseLearner):
     pass
 
 
-def learner(mask="cam"):
+def learner(mask="cam", **keys):
     torch.manual_seed(0)
     lrn = Learner()
-    lrn._cim_setup(CIMConfig.from_args({"cim": True, "model_name": "icarl", "cim_mask": mask, "cim_storage_size": S}))
-    lrn._cim_norm = Normalizer()
+    lrn.cim_setup(CIMConfig.from_args({"cim": True, "model_name": "icarl", "cim_mask": mask, "cim_storage_size": S, **keys}))
+    lrn.cim.use_memory(CompressedExemplarMemory((S, S, 3), 4.0))
     return lrn
 
 
@@ -225,29 +220,26 @@ def test_fill_class_leaves_unreadable_files_out(files, caplog):
             return None
 
     lrn = learner()
-    lrn._cim_memory = CompressedExemplarMemory((S, S, 3), 4.0)
     with caplog.at_level(logging.WARNING):
-        lrn._cim_fill_class(DM(), 1, 10.0)
-    assert len(lrn._cim_memory) == 3  # the three readable files, a budget of 10 units holds them
+        lrn.cim.fill_class(DM(), 1, 10.0)
+    assert len(lrn.cim.memory) == 3  # the three readable files, a budget of 10 units holds them
     assert any("class 1: 2 of 5 images unreadable" in r.getMessage() for r in caplog.records)
 
     paths[:] = [files["text"], files["missing"]]
-    assert lrn._cim_fill_class(DM(), 2, 10.0) == 0 and 2 not in lrn._cim_memory
+    assert lrn.cim.fill_class(DM(), 2, 10.0) == 0 and 2 not in lrn.cim.memory
 
 
 def test_refresh_boxes_gives_unreadable_items_the_full_box(files):
-    lrn = learner()
-    keys = {"cim": True, "model_name": "icarl", "cim_mask": "cam", "cim_storage_size": S, "cam_batch_size": 2}
-    lrn._cim = CIMConfig.from_args(keys)
+    lrn = learner(cam_batch_size=2)
 
     class Items:
         images = np.array([files["gray"], files["text"], files["jpeg"]])
         labels = np.array([0, 0, 1])
         use_path = True
 
-    lrn._cim_train_items = Items()
-    lrn._cim_refresh_boxes(1)
-    boxes = lrn._cim_aug.boxes
+    lrn.cim.train_set = Items()
+    lrn.cim.refresh_boxes(1)
+    boxes = lrn.cim.augmentation.boxes
     assert boxes.shape == (3, 4) and boxes[1].tolist() == [0, S, 0, S]
 
 
@@ -268,7 +260,7 @@ def test_plugin_data_manager_reads_paths_through_the_robust_dataset(files):
             return (paths, labels, Dummy()) if ret_data else Dummy()
 
     lrn = learner()
-    dm = PluginDataManager(DM(), lrn)
+    dm = PluginDataManager(DM(), lrn.cim.augmentation, S, new_classes=[0])
     test = dm.get_dataset([0], "test", "test")
     assert isinstance(test, RobustPathDataset) and (test[1][1] == 100).all()
     _, _, train = dm.get_dataset([0], "train", "train", ret_data=True)

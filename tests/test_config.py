@@ -1,6 +1,11 @@
+import subprocess
+import sys
+
 import pytest
 
-from cim_plugin.config import CIMConfig, ConfigError, validate_args
+from cim_plugin.config import BILEVEL_MODES, MASK_SOURCES, CIMConfig, ConfigError, validate_args
+from cim_plugin.core.bilevel import BilevelSettings
+from cim_plugin.core.masks import make_mask_source
 
 
 def test_defaults_are_the_papers():
@@ -75,3 +80,34 @@ def test_lucir_keys_are_checked_and_lucir_takes_the_plugin():
     ok = {"cim": True, "model_name": "lucir", "convnet_type": "cosine_resnet18", "K": 2, "lambda_base": 5,
           "margin": 0.5, "lambda_mr": 1.0, "imprint_weights": True, "init_epoch": 90, "lrate": 0.1}
     assert validate_args(ok) == []
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("data_root", "", "non-empty path"),
+        ("synthetic_num_classes", 1, "integer >= 2"),
+        ("synthetic_image_size", 20, "integer in [32, 256]"),
+        ("synthetic_train_per_class", 1.5, "integer >= 2"),
+        ("synthetic_test_per_class", 0, "integer >= 1"),
+        ("synthetic_seed", -1, "integer >= 0"),
+    ],
+)
+def test_dataset_keys_are_validated_like_the_others(key, value, fragment):
+    problems = validate_args({"model_name": "icarl", key: value})
+    assert len(problems) == 1 and f"'{key}' = {value!r}" in problems[0] and fragment in problems[0]
+
+
+def test_config_and_the_command_line_import_no_torch():
+    """The key definitions use the core's torch-free choices, so `cim-plugin where` stays quick."""
+    code = ("import sys, cim_plugin.config, cim_plugin.cli; cim_plugin.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_mask_source_and_bilevel_mode_the_config_accepts_is_one_the_core_builds():
+    for name in MASK_SOURCES:
+        assert validate_args({"cim_mask": name}) == [] and make_mask_source(name, 2, 0.6).name == name
+    for mode in BILEVEL_MODES:
+        assert validate_args({"cim_bilevel": mode}) == [] and BilevelSettings(factor=2, mode=mode).mode == mode

@@ -18,6 +18,8 @@ from cim_plugin.pycil import nets
 from cim_plugin.pycil.data import Normalizer
 from cim_plugin.pycil.learner import CIMLearnerMixin
 
+from fakes import FakeBaseLearner
+
 H = 8  # image side
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -126,24 +128,14 @@ def test_net_helpers_see_through_the_wrapper(kind, device, monkeypatch):
     torch.testing.assert_close(feats_w, feats)
 
 
-class FakeBase:
-    """The parts of PyCIL's BaseLearner the mixin reads."""
-
-    def __init__(self, net, device):
-        self._cur_task, self._device, self.args = 0, device, {"model_name": "icarl"}
-        self._known_classes, self._total_classes = 0, 3
-        self._network = net
-        self._old_network = None
-
-
-class Learner(CIMLearnerMixin, FakeBase):
+class Learner(CIMLearnerMixin, FakeBaseLearner):
     pass
 
 
 def learner(net, device, mask, **keys):
     lrn = Learner(net, device)
-    lrn._cim_setup(CIMConfig.from_args({"cim": True, "model_name": "icarl", "cim_mask": mask, "cam_batch_size": 3, **keys}))
-    lrn._cim_norm = Normalizer()
+    lrn.cim_setup(CIMConfig.from_args({"cim": True, "model_name": "icarl", "cim_mask": mask, "cam_batch_size": 3, **keys}))
+    lrn.cim.use_memory(CompressedExemplarMemory((H, H, 3), 4.0))
     return lrn
 
 
@@ -160,14 +152,14 @@ def both(kind, device, mask, monkeypatch, **keys):
 def test_mixin_passes_are_the_same_wrapped(kind, mask, device, monkeypatch):
     plain, wrapped = both(kind, device, mask, monkeypatch)
     raw, labels = batch(device)
-    for a, b in zip(plain._cim_forward(raw, labels), wrapped._cim_forward(raw, labels)):
+    for a, b in zip(plain.cim.encoder.cams(raw, labels), wrapped.cim.encoder.cams(raw, labels)):
         torch.testing.assert_close(a, b)
-    torch.testing.assert_close(plain._cim_features(raw), wrapped._cim_features(raw))
-    (ba, fa, feats_a, _), (bb, fb, feats_b, _) = plain._cim_boxes(raw, labels), wrapped._cim_boxes(raw, labels)
-    assert torch.equal(ba, bb) and torch.equal(fa, fb)
-    torch.testing.assert_close(feats_a, feats_b)
+    torch.testing.assert_close(plain.cim.encoder.features(raw), wrapped.cim.encoder.features(raw))
+    a, b = plain.cim.builder.boxes(raw, labels), wrapped.cim.builder.boxes(raw, labels)
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.fallback, b.fallback)
+    torch.testing.assert_close(a.features, b.features)
     if mask == "pau":
-        assert all(a is b for a, b in zip(wrapped._cim_sync_branch().backbones, nets.backbones(wrapped._network)))
+        assert all(a is b for a, b in zip(wrapped.cim.branch().backbones, nets.backbones(wrapped._network)))
 
 
 class ArrayDM:
@@ -191,10 +183,9 @@ def test_memory_and_class_means_are_the_same_wrapped(kind, device, monkeypatch):
     dm = ArrayDM(raw, labels)
     out = []
     for lrn in both(kind, device, "cam", monkeypatch):
-        lrn._cim_memory = CompressedExemplarMemory((H, H, 3), 4.0)
         for label in range(3):
-            lrn._cim_fill_class(dm, label, 2.0)
-        out.append((lrn._cim_memory, lrn._cim_class_means()))
+            lrn.cim.fill_class(dm, label, 2.0)
+        out.append((lrn.cim.memory, lrn.cim.builder.class_means(3, nets.feature_dim(lrn._network))))
     (mem_a, means_a), (mem_b, means_b) = out
     assert mem_a.labels == mem_b.labels == [0, 1, 2]
     for label in mem_a.labels:
@@ -221,13 +212,13 @@ def test_mask_steps_are_the_same_wrapped(kind, device, monkeypatch):
     raw, labels = batch(device, n=8, seed=2)
     phis = []
     for lrn in both(kind, device, "pau", monkeypatch, meta_batch_size=4, num_meta_iters_per_cls=1):
-        lrn._cim_train_items = TrainSet(raw, labels)  # the clean new-class set; no memory yet
+        lrn.cim.train_set = TrainSet(raw, labels)  # the clean new-class set; no exemplars yet
         opt = torch.optim.SGD(nets.unwrap(lrn._network).parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2)
-        before = [p.detach().clone() for p in lrn._cim_sync_branch().parameters()]
+        before = [p.detach().clone() for p in lrn.cim.branch().parameters()]
         torch.manual_seed(5)  # the meta batches' shuffle
-        lrn._cim_mask_steps(sched)
-        after = [p.detach().clone() for p in lrn._cim_branch.parameters()]
+        lrn.cim.mask_steps(sched)
+        after = [p.detach().clone() for p in lrn.cim.branch().parameters()]
         assert any(not torch.equal(a, b) for a, b in zip(before, after))  # φ was trained
         phis.append(after)
     for a, b in zip(*phis):
@@ -246,7 +237,7 @@ def test_icarl_loss_reads_a_wrapped_old_network(device, monkeypatch):
     raw, labels = batch(device)
     x = Normalizer()(raw, device)
     y = torch.as_tensor(labels, device=device)
-    lrn = FakeBase(net, device)
+    lrn = FakeBaseLearner(net, device)
     lrn._cur_task, lrn._known_classes = 1, 2
     torch.manual_seed(1)
     old = IncNet(classes=2).to(device)

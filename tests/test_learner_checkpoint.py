@@ -1,55 +1,60 @@
-"""φ and the compressed memory travel with the per-phase checkpoint (no PyCIL needed)."""
+"""The plugin's parts travel in checkpoints as explicit state: φ, the compressed memory, the
+stored-exemplar diagnostics and the random source's generator (no PyCIL needed)."""
 
 import numpy as np
 import torch
 
 from cim_plugin.config import CIMConfig
-from cim_plugin.pycil.learner import CIMLearnerMixin
 from cim_plugin.core.memory import CompressedExemplarMemory
+from cim_plugin.pycil import nets
+from cim_plugin.pycil.learner import CIMLearnerMixin
 
-from fakes import TinyNet
-
-
-class FakeLearner:
-    """The parts of PyCIL's BaseLearner the checkpoint path uses."""
-
-    def __init__(self):
-        self._cur_task, self._device, self.args = 0, "cpu", {}
-        self._network = TinyNet()
-
-    def save_checkpoint(self, filename):
-        torch.save({"tasks": self._cur_task, "model_state_dict": self._network.state_dict()}, f"{filename}_{self._cur_task}.pkl")
+from fakes import FakeBaseLearner
 
 
-class Learner(CIMLearnerMixin, FakeLearner):
+class Learner(CIMLearnerMixin, FakeBaseLearner):
     pass
 
 
-def make(seed=0):
+def make(seed=0, mask="pau"):
     torch.manual_seed(seed)
     learner = Learner()
-    learner._cim_setup(CIMConfig.from_args({"cim": True, "model_name": "icarl", "cim_mask": "pau"}))
+    learner.cim_setup(CIMConfig.from_args({"cim": True, "model_name": "icarl", "cim_mask": mask}))
     return learner
 
 
-def test_phi_and_memory_are_saved_and_restored(tmp_path):
+def test_phi_memory_and_diagnostics_are_saved_and_restored(tmp_path):
     a = make()
-    branch = a._cim_sync_branch()
+    branch = a.cim.branch()
     with torch.no_grad():
         for p in branch.parameters():
             p.add_(torch.randn_like(p))
-    a._cim_memory = CompressedExemplarMemory((8, 8, 3), 4.0)
+    a.cim.use_memory(CompressedExemplarMemory((8, 8, 3), 4.0))
     imgs = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    a._cim_memory.add_class(1, imgs, np.array([[0, 4, 0, 4]] * 3))
-    path = a.save_checkpoint(str(tmp_path / "ck"))
-    assert (tmp_path / "ck_0.pkl").exists() and path.endswith("_0_cim.pt")
+    a.cim.memory.add_class(1, imgs, np.array([[0, 4, 0, 4]] * 3))
+    a.cim.diagnostics.per_class[1] = {"recall": np.ones(3), "area": np.full(3, 0.25), "mse": np.zeros(3)}
+    path = tmp_path / "parts.pt"
+    torch.save(a.cim_state_dict(), path)
 
     b = make(seed=1)
-    b._network.load_state_dict(torch.load(tmp_path / "ck_0.pkl")["model_state_dict"])
-    b._cim_load_state_dict(torch.load(path, weights_only=False))
-    for (ka, va), (kb, vb) in zip(branch.state_dict().items(), b._cim_branch.state_dict().items()):
+    b._network.load_state_dict(a._network.state_dict())
+    b.cim_load_state_dict(torch.load(path, weights_only=False))
+    for (ka, va), (kb, vb) in zip(branch.state_dict().items(), b.cim.branch().state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
-    np.testing.assert_array_equal(b._cim_memory.images(1), a._cim_memory.images(1))
+    assert all(x is y for x, y in zip(b.cim.branch().backbones, nets.backbones(b._network)))  # bound to b's network
+    np.testing.assert_array_equal(b.cim.memory.images(1), a.cim.memory.images(1))
+    assert b.cim.builder.memory is b.cim.memory  # the builder fills the restored memory
+    assert b.cim_diagnostics()["stored"]["mean_box_area"] == 0.25
     # a fresh branch would sit at the ReLU fit: the restore really changed φ
-    fresh = make(seed=2)._cim_sync_branch()
-    assert any(not torch.equal(x, y) for x, y in zip(fresh.state_dict().values(), b._cim_branch.state_dict().values()))
+    fresh = make(seed=2).cim.branch()
+    assert any(not torch.equal(x, y) for x, y in zip(fresh.state_dict().values(), b.cim.branch().state_dict().values()))
+
+
+def test_the_random_sources_generator_resumes_where_it_was(tmp_path):
+    a = make(mask="random")
+    torch.rand(5, generator=a.cim.source.generator)  # boxes drawn in earlier phases
+    state = a.cim_state_dict()
+    expected = torch.rand(3, generator=a.cim.source.generator)
+    b = make(mask="random")
+    b.cim_load_state_dict(state)
+    assert torch.equal(torch.rand(3, generator=b.cim.source.generator), expected)

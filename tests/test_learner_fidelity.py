@@ -9,7 +9,7 @@ from torch.utils.data import ConcatDataset, TensorDataset
 
 from cim_plugin.config import CIMConfig
 from cim_plugin.core.memory import CompressedExemplarMemory, MemoryDataset
-from cim_plugin.pycil.data import ArtefactAugmentedDataset
+from cim_plugin.pycil.data import ArtefactAugmentedDataset, PluginDataManager
 from cim_plugin.pycil.learner import CIMLearnerMixin
 from cim_plugin.pycil.nets import trained_backbones_batch_statistics
 
@@ -35,7 +35,7 @@ def make(**keys):
     learner = Learner()
     learner._network = TinyNet()
     learner._cur_task, learner._known_classes, learner._total_classes = 1, 1, 2
-    learner._cim_setup(CIMConfig.from_args({"cim": True, "model_name": "foster", "cim_mask": "pau", **keys}))
+    learner.cim_setup(CIMConfig.from_args({"cim": True, "model_name": "foster", "cim_mask": "pau", **keys}))
     return learner
 
 
@@ -48,7 +48,7 @@ def memory_with(n):
 
 def test_foster_samples_old_class_is_the_budget_not_the_compressed_count():
     learner = make()
-    learner._cim_memory = memory_with(15)  # 15 compressed exemplars in a 6-unit budget
+    learner.cim.use_memory(memory_with(15))  # 15 compressed exemplars in a 6-unit budget
     assert learner.samples_old_class == 6
 
 
@@ -77,47 +77,56 @@ def test_mask_step_batches_are_clean_new_class_images_plus_the_memory():
     learner = make()
     plain = TensorDataset(torch.zeros(5), torch.zeros(5))
     plain.trsf, plain.images, plain.labels, plain.use_path = None, np.zeros((5, 8, 8, 3), np.uint8), np.ones(5), False
-    augmented = learner._cim_wrap_train_dataset(plain)
-    assert isinstance(augmented, ArtefactAugmentedDataset)
-    learner._cim_memory = memory_with(3)
-    data = learner._cim_meta_set()
+
+    class DM:  # PyCIL's DataManager: its get_dataset gives the plain set
+        use_path, _train_data, _train_targets, _common_trsf, _test_trsf = False, plain.images, np.ones(5), [], []
+
+        def get_dataset(self, indices, source, mode, appendent=None, ret_data=False, m_rate=None):
+            return plain
+
+    dm = PluginDataManager(DM(), learner.cim.augmentation, 8, new_classes=[1])
+    assert isinstance(dm.get_dataset([1], "train", "train"), ArtefactAugmentedDataset)  # what PyCIL trains on
+    learner.cim.begin_phase(dm, np.array([1]))
+    learner.cim.use_memory(memory_with(3))
+    data = learner.cim.meta_set()
     assert isinstance(data, ConcatDataset) and len(data) == 8
     assert data.datasets[0] is plain and isinstance(data.datasets[1], MemoryDataset)
 
 
 def test_phi_adam_has_the_official_weight_decay(monkeypatch):
-    from cim_plugin.pycil import learner as learner_module
+    from cim_plugin.core import branch_trainer
 
-    monkeypatch.setattr(learner_module, "mask_step", lambda *a, **k: {})  # only the optimiser is checked
+    monkeypatch.setattr(branch_trainer, "mask_step", lambda *a, **k: {})  # only the optimiser is checked
     learner = make()
     plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([1, 1, 1, 1]))
-    learner._cim_train_items, learner.cil_loss = plain, lambda *a: None
-    learner._cim_meta_set = lambda: plain
+    learner.cim.train_set, learner.cil_loss = plain, lambda *a: None
+    learner.cim.meta_set = lambda: plain
 
     class Sched:
         optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
         T_max = 1
 
-    learner._cim_mask_steps(Sched())
-    assert learner._cim_meta["optimizer"].param_groups[0]["weight_decay"] == 5e-4
+    learner.cim.mask_steps(Sched())
+    assert learner.cim.trainer.optimizer.param_groups[0]["weight_decay"] == 5e-4
     assert CIMConfig.from_args({"phi_weight_decay": 0.0}).phi_weight_decay == 0.0
 
 
 def test_first_phase_steps_give_phi_the_phase_epochs_of_mask_steps(monkeypatch):
-    from cim_plugin.pycil import learner as learner_module
+    from cim_plugin.core import branch_trainer
+    from cim_plugin.pycil import hparams
 
     lrs = []
-    monkeypatch.setattr(learner_module, "mask_step", lambda net, theta, fn, loss, inner, outer, lr, *a: lrs.append(lr) or {})
+    monkeypatch.setattr(branch_trainer, "mask_step", lambda net, theta, fn, loss, inner, outer, lr, *a: lrs.append(lr) or {})
+    monkeypatch.setattr(hparams, "stage_epochs", lambda learner, scheduler: 3)
     learner = make(num_meta_iters_per_cls=2.0, lr_ratio=0.1)  # 1 new class x 2 = 2 steps per epoch
     learner._cur_task, learner._known_classes = 0, 0
     plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
-    learner._cim_train_items, learner.cil_loss = plain, lambda *a: None
-    learner._cim_meta_set = lambda: plain
+    learner.cim.train_set, learner.cil_loss = plain, lambda *a: None
+    learner.cim.meta_set = lambda: plain
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.1)
     learner.args = {"init_epoch": 3}
-    learner._cim_phase_epochs = lambda scheduler: 3
     learner.cim_first_phase_steps(sched)
     # 3 epochs x 4 steps (2 classes x 2), inner step size = the learner's lr after each epoch x lr_ratio
-    assert learner._cim_meta["steps"] == 12
+    assert learner.cim.trainer.steps == 12
     assert lrs == pytest.approx([0.1] * 4 + [0.01] * 8)

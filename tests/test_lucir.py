@@ -1,78 +1,65 @@
-"""The plugin's LUCIR learner: its loss pieces, and PyCIL's main.py running it (memory, no memory, CIM).
+"""The plugin's LUCIR learner: its loss pieces (core/lucir_losses.py, no PyCIL needed), the learner's
+loss terms, and PyCIL's main.py running it (memory, no memory, CIM).
 
-Needs a PyCIL checkout (PYCIL_ROOT, else the one `cim-plugin patch` recorded). The checkout is
-cloned into a temporary folder and patched there; the user's checkout is never touched. The three
-runs of main.py take about 2 minutes on 2 cores (one thread each, run one after the other).
+The tests marked ``pycil`` need a PyCIL checkout (PYCIL_ROOT, else the one `cim-plugin patch`
+recorded; conftest's ``patched_pycil``): the checkout is cloned into a temporary folder and patched
+there; the user's checkout is never touched. The three runs of main.py take about 2 minutes on 2
+cores (one thread each, run one after the other).
 """
 
-import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cim_plugin.demo import RESULTS_MARK
-from pycil_checkout import require_pycil_root
-
-PYCIL_ROOT = require_pycil_root()
-
-pytestmark = pytest.mark.pycil
-
-from test_pycil_integration import pycil  # noqa: E402,F401  (the patched clone, shared fixture)
+from cim_plugin.core.lucir_losses import less_forget_loss, less_forget_weight, margin_ranking_loss
+from fakes import TINY_RUN, assert_more_exemplars_in_no_more_bytes, results_of, run_main
 
 #: 8 classes at 32 px (cosine_resnet32 needs 32 px), 5 then 3 classes, a few epochs.
-TINY = {
-    "prefix": "lucir", "dataset": "synthetic",
-    "synthetic_num_classes": 8, "synthetic_image_size": 32,
-    "synthetic_train_per_class": 40, "synthetic_test_per_class": 15,
-    "memory_size": 80, "memory_per_class": 10, "fixed_memory": False, "shuffle": True,
-    "init_cls": 5, "increment": 3, "convnet_type": "cosine_resnet32", "device": ["-1"], "seed": [1993],
-    "num_workers": 0, "batch_size": 32, "model_name": "lucir",
-    "init_epoch": 10, "init_lr": 0.05, "init_milestones": [7], "epochs": 8, "lrate": 0.05, "milestones": [6],
-}
+TINY = {**TINY_RUN, "prefix": "lucir", "synthetic_image_size": 32, "synthetic_train_per_class": 40,
+        "synthetic_test_per_class": 15, "memory_size": 80, "memory_per_class": 10, "convnet_type": "cosine_resnet32",
+        "batch_size": 32, "model_name": "lucir",
+        "init_epoch": 10, "init_lr": 0.05, "init_milestones": [7], "epochs": 8, "lrate": 0.05, "milestones": [6]}
 CIM = {"cim": True, "cim_mask": "cam", "cam_update_interval": 3, "randombbxblur_prob_incre": 0.5}
 PYCIL_PACKAGES = ("models", "utils", "convs")
 
 
 @pytest.fixture(scope="module")
-def lucir(pycil):
+def lucir(patched_pycil):
     """cim_plugin.pycil.lucir, imported with the clone's PyCIL modules (removed again afterwards)."""
-    sys.path.insert(0, str(pycil))
+    sys.path.insert(0, str(patched_pycil))
     try:
         import cim_plugin.pycil.lucir as module
 
         yield module
     finally:
-        sys.path.remove(str(pycil))
+        sys.path.remove(str(patched_pycil))
         for name in list(sys.modules):
             if name.split(".")[0] in PYCIL_PACKAGES or name == "cim_plugin.pycil.lucir":
                 del sys.modules[name]
 
 
-# ------------------------------------------------------------------------------ loss pieces
+# ----------------------------------------------------------------- loss pieces (no PyCIL)
 
 
-def test_less_forget_weight_is_lambda_base_times_sqrt_old_over_new(lucir):
-    assert lucir.less_forget_weight(5, 50, 10) == pytest.approx(5 * math.sqrt(5))
-    assert lucir.less_forget_weight(5, 5, 3) == pytest.approx(6.455, abs=1e-3)
-    assert lucir.less_forget_weight(10, 10, 10) == pytest.approx(10)
+def test_less_forget_weight_is_lambda_base_times_sqrt_old_over_new():
+    assert less_forget_weight(5, 50, 10) == pytest.approx(5 * math.sqrt(5))
+    assert less_forget_weight(5, 5, 3) == pytest.approx(6.455, abs=1e-3)
+    assert less_forget_weight(10, 10, 10) == pytest.approx(10)
 
 
-def test_less_forget_loss_is_one_minus_cosine_and_leaves_the_old_side_alone(lucir):
+def test_less_forget_loss_is_one_minus_cosine_and_leaves_the_old_side_alone():
     torch.manual_seed(0)
     f = torch.randn(6, 16, requires_grad=True)
     old = torch.randn(6, 16, requires_grad=True)
     ref = torch.nn.CosineEmbeddingLoss()(f, old.detach(), torch.ones(6))
-    loss = lucir.less_forget_loss(f, old)
+    loss = less_forget_loss(f, old)
     assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
-    assert lucir.less_forget_loss(3.0 * old.detach(), old).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert less_forget_loss(3.0 * old.detach(), old).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
     e = torch.eye(2)
-    assert lucir.less_forget_loss(e[:1], e[1:]).item() == pytest.approx(1.0)
+    assert less_forget_loss(e[:1], e[1:]).item() == pytest.approx(1.0)
     loss.backward()
     assert f.grad is not None and old.grad is None
 
@@ -85,32 +72,35 @@ def _reference_margin_ranking(cos, y, n_old, K, m):
     return torch.nn.MarginRankingLoss(margin=m)(gt.reshape(-1, 1), top.reshape(-1, 1), torch.ones(gt.numel(), 1))
 
 
-def test_margin_ranking_uses_old_class_samples_and_top_k_new_scores(lucir):
+def test_margin_ranking_uses_old_class_samples_and_top_k_new_scores():
     torch.manual_seed(1)
     n_old, n_new, K, m = 5, 4, 2, 0.5
     cos = (torch.rand(10, n_old + n_new) * 2 - 1).requires_grad_()
     y = torch.tensor([0, 6, 3, 8, 1, 5, 4, 7, 2, 6])
-    loss = lucir.margin_ranking_loss(cos, y, n_old, K, m)
+    loss = margin_ranking_loss(cos, y, n_old, K, m)
     assert loss.item() == pytest.approx(_reference_margin_ranking(cos, y, n_old, K, m).item(), abs=1e-6)
     # by hand for one old-class sample: gt 0.9, new scores 0.8, 0.1, 0.7, -1 -> top-2 are 0.8 and 0.7
     one = torch.tensor([[0.9, 0.0, 0.0, 0.0, 0.0, 0.8, 0.1, 0.7, -1.0]])
     expected = (max(0, m - (0.9 - 0.8)) + max(0, m - (0.9 - 0.7))) / 2
-    assert lucir.margin_ranking_loss(one, torch.tensor([0]), n_old, K, m).item() == pytest.approx(expected)
+    assert margin_ranking_loss(one, torch.tensor([0]), n_old, K, m).item() == pytest.approx(expected)
     # rows of new-class samples do not matter; the third-largest new score does not matter
     changed = cos.detach().clone()
     changed[y >= n_old] = torch.rand(int((y >= n_old).sum()), n_old + n_new)
-    assert lucir.margin_ranking_loss(changed, y, n_old, K, m).item() == pytest.approx(loss.item(), abs=1e-6)
+    assert margin_ranking_loss(changed, y, n_old, K, m).item() == pytest.approx(loss.item(), abs=1e-6)
     one_lowered = one.clone()
     one_lowered[0, 6] = -0.5
-    assert lucir.margin_ranking_loss(one_lowered, torch.tensor([0]), n_old, K, m).item() == pytest.approx(expected)
+    assert margin_ranking_loss(one_lowered, torch.tensor([0]), n_old, K, m).item() == pytest.approx(expected)
     loss.backward()
     assert cos.grad[y >= n_old].abs().sum() == 0 and cos.grad[y < n_old].abs().sum() > 0
     # no old-class sample in the batch: zero, still part of the graph
-    none = lucir.margin_ranking_loss(cos, torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 5, 6]), n_old, K, m)
+    none = margin_ranking_loss(cos, torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 5, 6]), n_old, K, m)
     assert none.item() == 0 and none.requires_grad
     # K larger than the number of new classes: all new classes
-    assert lucir.margin_ranking_loss(cos, y, n_old, 10, m).item() == pytest.approx(
+    assert margin_ranking_loss(cos, y, n_old, 10, m).item() == pytest.approx(
         _reference_margin_ranking(cos, y, n_old, n_new, m).item(), abs=1e-6)
+
+
+# ------------------------------------------------------------------------ the learner (PyCIL)
 
 
 def _args(**over):
@@ -118,6 +108,7 @@ def _args(**over):
             "dataset": "synthetic", "init_cls": 5, "increment": 3, "model_name": "lucir", **over}
 
 
+@pytest.mark.pycil
 def test_cil_loss_terms_by_task(lucir):
     torch.manual_seed(2)
     learner = lucir.LUCIR(_args(lambda_base=5, K=2, margin=0.5, lambda_mr=2.0))
@@ -132,7 +123,7 @@ def test_cil_loss_terms_by_task(lucir):
     learner.after_task()
     net.update_fc(8, 1)
     learner._cur_task, learner._total_classes = 1, 8
-    learner._lambda = lucir.less_forget_weight(5, 5, 3)
+    learner._lambda = less_forget_weight(5, 5, 3)
     y = torch.tensor([0, 6, 3, 7, 5, 1])
     out = net(x)
     terms = learner.loss_terms(x, y, out)
@@ -140,14 +131,15 @@ def test_cil_loss_terms_by_task(lucir):
     cos = torch.cat([out["old_scores"], out["new_scores"]], dim=1)
     old_f = learner._old_network.extract_vector(x)
     assert terms["ce"].item() == pytest.approx(F.cross_entropy(out["logits"], y).item(), rel=1e-5)
-    assert terms["lf"].item() == pytest.approx(learner._lambda * lucir.less_forget_loss(out["features"], old_f).item(), rel=1e-4)
-    assert terms["mr"].item() == pytest.approx(2.0 * lucir.margin_ranking_loss(cos, y, 5, 2, 0.5).item(), rel=1e-5)
+    assert terms["lf"].item() == pytest.approx(learner._lambda * less_forget_loss(out["features"], old_f).item(), rel=1e-4)
+    assert terms["mr"].item() == pytest.approx(2.0 * margin_ranking_loss(cos, y, 5, 2, 0.5).item(), rel=1e-5)
     # logits are sigma x the cosines the ranking loss reads
     assert torch.allclose(out["logits"], net.fc.sigma * cos, atol=1e-5)
     assert learner.cil_loss(x, y, out).item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-5)
     assert learner.cil_loss(x, y).item() == pytest.approx(learner.cil_loss(x, y, net(x)).item(), rel=1e-4)
 
 
+@pytest.mark.pycil
 def test_bad_backbone_and_other_learners_key_names_are_refused(lucir):
     with pytest.raises(ValueError, match="cosine_resnet18"):
         lucir.LUCIR(_args(convnet_type="resnet18"))
@@ -155,6 +147,7 @@ def test_bad_backbone_and_other_learners_key_names_are_refused(lucir):
         lucir.LUCIR(_args(init_epochs=3))
 
 
+@pytest.mark.pycil
 def test_cam_rows_of_cosine_classifiers_are_normalised_in_class_order(lucir):
     from cim_plugin.pycil.nets import classifier_weight
 
@@ -173,24 +166,8 @@ def test_cam_rows_of_cosine_classifiers_are_normalised_in_class_order(lucir):
 # -------------------------------------------------------------------------- PyCIL's main.py
 
 
-def run_main(root: Path, config: dict, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "main.py", "--config", str(path)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-def results_of(proc: subprocess.CompletedProcess, root: Path) -> dict:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULTS_MARK)]
-    assert lines, "the run printed no results path"
-    path = Path(lines[-1][len(RESULTS_MARK):].strip())
-    return json.loads((path if path.is_absolute() else root / path).read_text())
-
-
 @pytest.fixture(scope="module")
-def runs(pycil, tmp_path_factory):
+def runs(patched_pycil, tmp_path_factory):
     """LUCIR with memory (plugin off), without memory, and with the CIM plugin on."""
     tmp = tmp_path_factory.mktemp("lucir-runs")
     base = {**TINY, "data_root": str(tmp / "synthetic-cache")}
@@ -199,10 +176,12 @@ def runs(pycil, tmp_path_factory):
         "no_memory": {**base, "prefix": "nomemory", "memory_size": 0, "cim": False},
         "cim": {**base, "prefix": "cim", **CIM},
     }
-    procs = {name: run_main(pycil, cfg, tmp, name) for name, cfg in configs.items()}
-    return {name: (proc, results_of(proc, pycil)) for name, proc in procs.items()}
+    procs = {name: run_main(patched_pycil, cfg, tmp, name, env={"OMP_NUM_THREADS": "1"})
+             for name, cfg in configs.items()}
+    return {name: (proc, results_of(proc, patched_pycil)) for name, proc in procs.items()}
 
 
+@pytest.mark.pycil
 def test_memory_keeps_more_old_class_accuracy(runs):
     (mem_proc, mem), (_, none) = runs["memory"], runs["no_memory"]
     assert [p["task"] for p in mem["phases"]] == [0, 1] == [p["task"] for p in none["phases"]]
@@ -215,15 +194,11 @@ def test_memory_keeps_more_old_class_accuracy(runs):
     assert old_mem > old_none
 
 
+@pytest.mark.pycil
 def test_plugin_on_holds_more_exemplars_at_no_more_bytes(runs):
     (_, off), (on_proc, on) = runs["memory"], runs["cim"]
     assert off["cim"] is False and on["cim"] is True
     assert [p["task"] for p in on["phases"]] == [0, 1]
-    for phase_off, phase_on in zip(off["phases"], on["phases"]):
-        m_off, m_on = phase_off["memory"], phase_on["memory"]
-        assert m_off["kind"] == "plain" and m_on["kind"] == "compressed"
-        assert m_on["budget_bytes"] == m_off["budget_bytes"] > 0
-        assert m_on["bytes_used"] <= m_on["budget_bytes"]
-        assert m_on["mean_exemplars_per_class"] > m_off["mean_exemplars_per_class"]
-        assert phase_on["nme_top1"] is not None
+    assert_more_exemplars_in_no_more_bytes(off, on)
+    assert all(phase["nme_top1"] is not None for phase in on["phases"])
     assert "compressed share now" in on_proc.stdout

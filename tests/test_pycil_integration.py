@@ -5,29 +5,20 @@ cloned into a temporary folder and patched there; the user's checkout is never t
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from cim_plugin import locate
-from cim_plugin.demo import RESULTS_MARK
+from fakes import TINY_RUN, assert_more_exemplars_in_no_more_bytes, results_of, run_main  # noqa: F401 (test_resume)
 from pycil_checkout import require_pycil_root
 
 PYCIL_ROOT = require_pycil_root()  # collection fails here under CI=true when no PyCIL is found
 
 pytestmark = pytest.mark.pycil
 
-TINY = {
-    "prefix": "tiny", "dataset": "synthetic",
-    "synthetic_num_classes": 8, "synthetic_image_size": 48,
-    "synthetic_train_per_class": 16, "synthetic_test_per_class": 5,
-    "memory_size": 32, "memory_per_class": 4, "fixed_memory": False, "shuffle": True,
-    "init_cls": 5, "increment": 3, "convnet_type": "resnet18", "device": ["-1"], "seed": [1993],
-    "num_workers": 0, "batch_size": 16,
-}
+TINY = {**TINY_RUN, "prefix": "tiny", "synthetic_image_size": 48, "synthetic_train_per_class": 16,
+        "synthetic_test_per_class": 5, "memory_size": 32, "memory_per_class": 4, "convnet_type": "resnet18",
+        "batch_size": 16}
 LEARNER_KEYS = {
     "icarl": {"init_epoch": 1, "epochs": 1, "init_lr": 0.01, "lrate": 0.01},
     "der": {"init_epoch": 1, "epochs": 1, "init_lr": 0.01, "lrate": 0.01},
@@ -43,24 +34,6 @@ CIM = {"cim": True, "cim_mask": "cam", "cam_update_interval": 1, "randombbxblur_
 def pycil(patched_pycil):
     """A patched clone of the user's PyCIL checkout (conftest's; recording nothing in the user's config)."""
     return patched_pycil
-
-
-def run_main(root: Path, config: dict, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "main.py", "--config", str(path)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-def results_of(proc: subprocess.CompletedProcess, root: Path) -> dict:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULTS_MARK)]
-    assert lines, "the run printed no results path"
-    path = Path(lines[-1][len(RESULTS_MARK):].strip())
-    path = path if path.is_absolute() else root / path
-    assert path.name.endswith("_results.json") and path.with_name(path.name.replace("_results.json", ".log")).exists()
-    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +61,9 @@ def test_cam_plugin_holds_more_exemplars_at_no_more_bytes(run, learner):
     on_proc, on = run(learner, "cam")
     assert [p["task"] for p in off["phases"]] == [0, 1] == [p["task"] for p in on["phases"]]
     assert off["cim"] is False and on["cim"] is True and on["cim_mask"] == "cam"
-    for phase_off, phase_on in zip(off["phases"], on["phases"]):
-        m_off, m_on = phase_off["memory"], phase_on["memory"]
-        assert m_off["kind"] == "plain" and m_on["kind"] == "compressed"
-        assert m_on["budget_bytes"] == m_off["budget_bytes"] > 0
-        assert m_on["bytes_used"] <= m_on["budget_bytes"]
-        assert m_on["mean_exemplars_per_class"] > m_off["mean_exemplars_per_class"]
-        assert 0 < m_on["mean_box_area"] < 1
+    assert_more_exemplars_in_no_more_bytes(off, on)
+    for phase_on in on["phases"]:
+        assert 0 < phase_on["memory"]["mean_box_area"] < 1
         assert 0 <= phase_on["cnn_top1"] <= 100 and phase_on["nme_top1"] is not None
     # the memory shrank with the per-class budget (32 // 5 = 6, then 32 // 8 = 4 units per class)
     assert off["phases"][0]["memory"]["units_per_class"] == 6 and off["phases"][1]["memory"]["units_per_class"] == 4

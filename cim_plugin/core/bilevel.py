@@ -34,9 +34,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .cam import normalize_cams, upsample_cams
+from .choices import BILEVEL_MODES
 from .codec import soft_blend
-
-BILEVEL_MODES = ("bilevel", "joint", "none")
 
 #: ``branch_fn(x) -> (raw CAM [B, h, w] for the labels, branch logits [B, K])``, differentiable in φ.
 BranchFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

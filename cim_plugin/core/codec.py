@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .boxes import boxes_to_mask, check_boxes, check_factor, check_image_size, is_aligned
+from .choices import downsample_factor  # noqa: F401 (the compress-ratio rule, torch-free; codec.downsample_factor)
 
 ArrayOrTensor = np.ndarray | torch.Tensor
 
@@ -33,23 +34,6 @@ ArrayOrTensor = np.ndarray | torch.Tensor
 # --------------------------------------------------------------------------------------------
 # factor and costs
 # --------------------------------------------------------------------------------------------
-
-
-def downsample_factor(compress_ratio: float, tol: float = 1e-9) -> int:
-    """Integer factor per side ``s = sqrt(compress_ratio)``.
-
-    compress_ratio must be the square of an integer >= 2 (4, 9, 16, ...) to within ``tol``.
-    """
-    allowed = "the square of an integer >= 2 (4, 9, 16, 25, ...)"
-    if isinstance(compress_ratio, bool) or not isinstance(compress_ratio, (int, float, np.integer, np.floating)):
-        raise ValueError(f"compress_ratio must be {allowed}, got {compress_ratio!r}")
-    ratio = float(compress_ratio)
-    if not math.isfinite(ratio) or ratio < 1.0:
-        raise ValueError(f"compress_ratio must be {allowed}, got {compress_ratio!r}")
-    s = round(math.sqrt(ratio))
-    if s < 2 or abs(s * s - ratio) > tol:
-        raise ValueError(f"compress_ratio must be {allowed}, got {compress_ratio!r}")
-    return int(s)
 
 
 def _inside_counts(boxes: torch.Tensor, s: int) -> torch.Tensor:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .boxes import box_area_fraction, cam_to_boxes, check_boxes, check_image_size
+from .cam import normalize_cams
 
 #: Thresholds of the recall / area curve (``mask_threshold`` values a user would consider).
 DEFAULT_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -79,3 +81,71 @@ def recall_area_curve(
             "fallback_share": float(fallback.sum()) / n,
         })
     return rows
+
+
+class StoredDiagnostics:
+    """Memory-builder observer (core/memory_builder.py) for datasets that know their object boxes:
+    per class, per stored exemplar in ranked order, box recall, box area and reconstruction MSE
+    (cut with the memory when it shrinks), and this phase's candidates' CAMs for the τ curve."""
+
+    def __init__(self) -> None:
+        self.per_class: dict[int, dict[str, np.ndarray]] = {}
+        self.begin_phase()
+
+    def begin_phase(self) -> None:
+        self.augmentation: dict | None = None  # the last box refresh of the new classes
+        self._cams: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def wants_cams(self, label: int, has_truth: bool) -> bool:
+        return has_truth
+
+    def observe(self, filled, memory) -> None:
+        if filled.truth is None:
+            return
+        recon = memory.images(filled.label)  # the stored prefix of the ranked list
+        ranked = filled.ranked[: len(recon)]
+        size = filled.images.shape[1:3]
+        boxes, truth = torch.from_numpy(filled.boxes[ranked]), torch.from_numpy(filled.truth[ranked])
+        self.per_class[filled.label] = {
+            "recall": box_recall(boxes, truth).numpy(),
+            "area": box_area_fraction(boxes, size).numpy(),
+            "mse": image_mse(torch.from_numpy(filled.images[ranked]), torch.from_numpy(recon)).numpy(),
+        }
+        if filled.cams is not None:
+            self._cams.append((normalize_cams(filled.cams.float())[0], torch.from_numpy(filled.truth)))
+
+    def record_augmentation(self, epoch: int, boxes: np.ndarray, truth: np.ndarray, image_size: Sequence[int]) -> None:
+        b = torch.from_numpy(np.asarray(boxes, dtype=np.int64))
+        self.augmentation = {
+            "epoch": epoch,
+            "mean_box_recall": float(box_recall(b, torch.from_numpy(truth)).mean()),
+            "mean_box_area": float(box_area_fraction(b, image_size).mean()),
+        }
+
+    def summary(self, memory) -> dict | None:
+        """``stored`` (every exemplar in the memory now), ``augmentation`` and ``tau_curve`` (this
+        phase's new-class candidates), or None when nothing was recorded."""
+        if memory is None or not self.per_class:
+            return None
+        counts = memory.counts()
+        parts = [{k: v[: counts.get(label, 0)] for k, v in d.items()} for label, d in self.per_class.items()]
+        recall, area, mse = (np.concatenate([p[k] for p in parts]) for k in ("recall", "area", "mse"))
+        out: dict = {"stored": {
+            "exemplars": int(len(recall)),
+            "mean_box_recall": float(recall.mean()) if len(recall) else None,
+            "mean_box_area": float(area.mean()) if len(area) else None,
+            "psnr_db": psnr_db(float(mse.mean())) if len(mse) else None,
+        }}
+        if self.augmentation is not None:
+            out["augmentation"] = self.augmentation
+        if self._cams:
+            norm, truth = torch.cat([c for c, _ in self._cams]), torch.cat([t for _, t in self._cams])
+            out["tau_curve"] = recall_area_curve(norm, truth, memory.image_shape[:2], getattr(memory, "factor", 1))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"per_class": {int(k): {n: a.copy() for n, a in v.items()} for k, v in self.per_class.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_class = {int(k): {n: np.asarray(a) for n, a in v.items()} for k, v in state.get("per_class", {}).items()}
+        self.begin_phase()

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from . import choices
 from .boxes import align_boxes, cam_to_boxes, random_boxes_like
 from .cam import normalize_cams
 
@@ -40,7 +41,6 @@ class BoxResult:
 class MaskSource:
     """Base class: ``boxes(images, labels, cam_fn)`` for a batch ``[B, C, H, W]``."""
 
-    name = "base"
     needs_cam = True
     needs_branch = False
     #: Whether ``boxes`` needs the true object boxes (``truth``) of the images.
@@ -50,6 +50,11 @@ class MaskSource:
         self.factor = int(factor)
         self.threshold = float(threshold)
         self.generator = generator
+
+    @property
+    def name(self) -> str:
+        """The source's name in ``MASK_SOURCES`` (its class's name for a class not registered there)."""
+        return next((name for name, cls in MASK_SOURCES.items() if cls is type(self)), type(self).__name__)
 
     def boxes(self, images: torch.Tensor, labels: torch.Tensor, cam_fn: CamFn | None,
               truth: torch.Tensor | None = None) -> BoxResult:
@@ -65,8 +70,6 @@ class MaskSource:
 
 
 class CamMaskSource(MaskSource):
-    name = "cam"
-
     def boxes(self, images, labels, cam_fn, truth=None):
         return self._cam_boxes(images, labels, cam_fn)
 
@@ -74,12 +77,10 @@ class CamMaskSource(MaskSource):
 class PauMaskSource(CamMaskSource):
     """Like ``cam``, but the adapter hands it the CIM branch's CAM (PAU activations, shared θ)."""
 
-    name = "pau"
     needs_branch = True
 
 
 class UniformMaskSource(MaskSource):
-    name = "uniform"
     needs_cam = False
 
     def boxes(self, images, labels, cam_fn=None, truth=None):
@@ -88,8 +89,6 @@ class UniformMaskSource(MaskSource):
 
 
 class RandomMaskSource(MaskSource):
-    name = "random"
-
     def boxes(self, images, labels, cam_fn, truth=None):
         res = self._cam_boxes(images, labels, cam_fn)
         moved = random_boxes_like(res.boxes, tuple(images.shape[-2:]), self.factor, self.generator)
@@ -100,13 +99,12 @@ class OracleMaskSource(MaskSource):
     """The true object box of each image (``truth``, int ``[B, 4]`` (y0, y1, x0, x1) in pixels of
     the images), expanded outward to the downsampling grid. No CAM, no fallback."""
 
-    name = "oracle"
     needs_cam = False
     needs_truth = True
 
     def boxes(self, images, labels, cam_fn=None, truth=None):
         if truth is None:
-            raise ValueError("mask source 'oracle' needs the true object boxes: only datasets that know where "
+            raise ValueError(f"mask source '{self.name}' needs the true object boxes: only datasets that know where "
                              "their objects are (the synthetic set) support it")
         truth = torch.as_tensor(truth, dtype=torch.int64)
         if truth.shape != (images.shape[0], 4):
@@ -115,9 +113,12 @@ class OracleMaskSource(MaskSource):
         return BoxResult(boxes, torch.zeros(images.shape[0], dtype=torch.bool))
 
 
-MASK_SOURCES: dict[str, type[MaskSource]] = {
-    cls.name: cls for cls in (PauMaskSource, CamMaskSource, UniformMaskSource, RandomMaskSource, OracleMaskSource)
-}
+#: The class of each mask source, by the names (and in the order) of ``choices.MASK_SOURCES``.
+MASK_SOURCES: dict[str, type[MaskSource]] = dict(zip(
+    choices.MASK_SOURCES,
+    (UniformMaskSource, RandomMaskSource, CamMaskSource, PauMaskSource, OracleMaskSource),
+    strict=True,
+))
 
 
 def make_mask_source(name: str, factor: int, threshold: float, seed: int = 0) -> MaskSource:

@@ -80,6 +80,11 @@ class ExemplarMemory:
         flat = store.payload.reshape(-1, full) if len(store) else store.payload.reshape(0, full)
         return flat[starts // full].reshape(len(indices), *self.image_shape)
 
+    def reconstruct(self, images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """What storing uint8 ``[n, H, W, C]`` images with ``boxes`` would give back on reading
+        (the memory builder ranks candidates by it); plain exemplars come back as they are."""
+        return images
+
     def meta(self) -> dict:
         return {"kind": self.kind, "image_shape": list(self.image_shape)}
 
@@ -310,6 +315,10 @@ class CompressedExemplarMemory(ExemplarMemory):
             codec.exemplar_cost(torch.as_tensor(boxes, dtype=torch.int64), self.image_shape[:2], self.factor),
             dtype=np.float64,
         )
+
+    def reconstruct(self, images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+        return codec.blend_compress(x, torch.as_tensor(boxes, dtype=torch.int64), self.factor).permute(0, 2, 3, 1).numpy()
 
     def _encode(self, images: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(images) == 0:

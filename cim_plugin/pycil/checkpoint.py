@@ -4,13 +4,14 @@
 ``"cim_checkpoint": true`` it saves, at the end of every ``incremental_train`` (after the learner's
 own training and ``build_rehearsal_memory``), ``<PyCIL log name>_ckpt/task_<k>.pt`` holding:
 
-- the learner's state: its ``__dict__`` without what belongs to the run rather than to the learner
-  (``args``, the device, the plugin's config, the results recorder) or to one phase's data (data
-  loaders, datasets, data managers, generators, the CIM branch's per-phase optimiser). So it holds
-  the network(s) (``_network``, ``_old_network``, FOSTER's ``_snet``), the exemplar memory (PyCIL's
-  arrays or the compressed memory), ``_class_means``, the counters (``_cur_task``,
-  ``_known_classes``, ``_total_classes``), FOSTER's ``per_cls_weights`` and the CIM branch's PAU
-  coefficients φ (the branch pickles without its backbones and is re-attached on loading);
+- PyCIL's learner state: its ``__dict__`` without what belongs to the run rather than to the
+  learner (``args``, the device, the results recorder) or to one phase's data (data loaders,
+  datasets, data managers, generators). So it holds the network(s) (``_network``,
+  ``_old_network``, FOSTER's ``_snet``), PyCIL's exemplar arrays, ``_class_means``, the counters
+  (``_cur_task``, ``_known_classes``, ``_total_classes``) and FOSTER's ``per_cls_weights``;
+- the plugin's parts from their explicit state (``learner.cim_state_dict()``, plugin on): the
+  compressed memory, φ (the PAU branch, saved without its backbones and bound again on loading),
+  the stored-exemplar diagnostics, the gallery rows and the random mask source's generator;
 - the class order of the data manager, the settings of the test loader, the keys that define the
   run (``RUN_KEYS``: every key that changes what a phase learns, for the compatibility check), the
   accuracy history recorded so far, and the RNG states (torch CPU, CUDA when initialised, numpy's
@@ -52,11 +53,9 @@ FORMAT = "cim-plugin-checkpoint"
 VERSION = 1
 
 #: Attributes that belong to the run or to one phase's data, never saved nor restored.
-TRANSIENT = frozenset(
-    {"args", "data_manager", "train_loader", "test_loader", "_device", "_multiple_gpus",
-     "_cim", "_cim_bilevel", "_cim_dm", "_cim_train_items", "_cim_train_truth", "_cim_phase_diag", "_cim_meta",
-     "_cim_seconds"}
-)
+TRANSIENT = frozenset({"args", "data_manager", "train_loader", "test_loader", "_device", "_multiple_gpus"})
+#: The plugin's parts (``learner.cim``) are saved from their explicit state (``cim_state_dict``).
+PLUGIN_ATTRS = frozenset({"cim"})
 TRANSIENT_PREFIXES = ("_results", "_ckpt")
 #: Keys of the key tables (config.py) that change neither what a phase learns nor its results, so a
 #: resumed run may change them:
@@ -193,7 +192,7 @@ class CheckpointMixin:
         """(attributes to save, names of attributes that held the data manager)."""
         state, dm_attrs = {}, []
         for name, value in vars(self).items():
-            if name in TRANSIENT or name.startswith(TRANSIENT_PREFIXES):
+            if name in TRANSIENT or name in PLUGIN_ATTRS or name.startswith(TRANSIENT_PREFIXES):
                 if name == "data_manager":
                     dm_attrs.append(name)
                 continue
@@ -206,6 +205,7 @@ class CheckpointMixin:
 
     def _ckpt_payload(self, data_manager) -> dict:
         state, dm_attrs = self._ckpt_learner_state()
+        plugin = self.cim_state_dict() if callable(getattr(self, "cim_state_dict", None)) else None
         test = getattr(self, "test_loader", None)
         history = getattr(self, "_results", {}).get("phases", [])
         return {
@@ -216,11 +216,12 @@ class CheckpointMixin:
             "class_order": [int(c) for c in data_manager._class_order],
             "run": dict(self._ckpt_run),
             "learner": state,
+            "plugin": plugin,
             "data_manager_attrs": dm_attrs,
             "test_loader": None if test is None else {"batch_size": test.batch_size, "num_workers": test.num_workers},
             "history": [{k: p.get(k) for k in ("task", "cnn_top1", "nme_top1")} for p in history],
             "rng": rng_states(),
-            "digest": state_digest(state),
+            "digest": state_digest({**state, "cim": plugin}),
         }
 
     def _ckpt_save(self, path: Path, data_manager) -> Path:
@@ -288,21 +289,10 @@ class CheckpointMixin:
             test_set = data_manager.get_dataset(np.arange(0, self._total_classes), source="test", mode="test")
             self.test_loader = DataLoader(test_set, batch_size=settings["batch_size"], shuffle=False,
                                           num_workers=settings["num_workers"])
-        self._ckpt_reattach_branch()
+        if payload.get("plugin") is not None:
+            self.cim_load_state_dict(payload["plugin"])
         set_rng_states(payload["rng"])
         log.info("cim-plugin: resumed task %d from %s (state sha256 %s)", task, path, payload.get("digest"))
-
-    def _ckpt_reattach_branch(self) -> None:
-        """Bind the restored PAU branch (pickled without its backbones) to the restored network."""
-        branch = getattr(self, "_cim_branch", None)
-        if branch is None:
-            return
-        from .nets import backbones
-
-        try:
-            branch.attach(backbones(self._network))
-        except ValueError:  # another backbone list (FOSTER's student): the next phase's sync rebinds it
-            pass
 
     def _ckpt_compare_history(self, path: Path, saved: list[dict]) -> None:
         """The accuracies re-evaluated so far in this run should be the ones the checkpoint recorded."""

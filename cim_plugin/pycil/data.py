@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..core.augmentation import ArtefactAugmentation
 from ..core.codec import blend_compress
 from ..core.memory import ExemplarMemory
 
@@ -218,19 +219,6 @@ class Normalizer:
 # Artefact augmentation and replay
 
 
-class AugmentState:
-    """Boxes of the current phase's new-class training items and the share compressed on the fly."""
-
-    def __init__(self, factor: int):
-        self.factor = factor
-        self.share = 0.0
-        self.boxes: np.ndarray | None = None  # int64 [N, 4] at the storage resolution
-        self.refreshes = 0
-
-    def reset(self) -> None:
-        self.share, self.boxes, self.refreshes = 0.0, None, 0
-
-
 class ArtefactAugmentedDataset(Dataset):
     """PyCIL's new-class dataset where a share of items is replaced by its compressed version.
 
@@ -238,7 +226,7 @@ class ArtefactAugmentedDataset(Dataset):
     resolution, the rest downsampled) and then passed through PyCIL's own transform.
     """
 
-    def __init__(self, base: Dataset, state: AugmentState, storage_size: int):
+    def __init__(self, base: Dataset, state: ArtefactAugmentation, storage_size: int):
         self.base = base
         self.state = state
         self.storage_size = storage_size
@@ -312,29 +300,50 @@ class RobustPathDataset(Dataset):
 
 
 class PluginDataManager:
-    """A PyCIL DataManager seen through the plugin for one phase (see module docstring)."""
+    """A PyCIL DataManager seen through the plugin for one phase (see module docstring).
 
-    def __init__(self, data_manager: Any, learner: Any):
+    ``get_dataset`` only wraps what PyCIL's own call returns: path datasets are read robustly, the
+    phase's new-class training set (``new_classes``, train mode) gets the artefact augmentation
+    (``augmentation``: boxes and share, refreshed by the learner), the compressed memory passed as
+    ``appendent`` is replayed as a dataset. It writes no state anywhere.
+    """
+
+    def __init__(self, data_manager: Any, augmentation: ArtefactAugmentation | None = None,
+                 storage_size: int = 224, new_classes: Sequence[int] = ()):
         self._dm = data_manager
-        self._learner = learner
+        self._augmentation = augmentation
+        self._storage_size = int(storage_size)
+        self._new_classes = [int(c) for c in new_classes]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._dm, name)
+
+    def _own_dataset(self, indices, source, mode, appendent=None, ret_data=False, m_rate=None):
+        result = self._dm.get_dataset(indices, source, mode, appendent=appendent, ret_data=ret_data, m_rate=m_rate)
+        dataset = result[-1] if ret_data else result
+        if getattr(dataset, "use_path", False):
+            dataset = RobustPathDataset(dataset)
+        return result, dataset
 
     def get_dataset(self, indices, source, mode, appendent=None, ret_data=False, m_rate=None):
         memory = appendent if isinstance(appendent, ExemplarMemory) else None
         if memory is not None:
             appendent = None
-        result = self._dm.get_dataset(indices, source, mode, appendent=appendent, ret_data=ret_data, m_rate=m_rate)
-        dataset = result[-1] if ret_data else result
-        if getattr(dataset, "use_path", False):
-            dataset = RobustPathDataset(dataset)
-        if source == "train" and mode == "train":
-            truth = self.new_class_object_boxes(indices) if m_rate is None else None
-            dataset = self._learner._cim_wrap_train_dataset(dataset, truth if truth is not None and len(truth) == len(dataset) else None)
+        result, dataset = self._own_dataset(indices, source, mode, appendent, ret_data, m_rate)
+        new_set = source == "train" and mode == "train" and m_rate is None and [int(c) for c in indices] == self._new_classes
+        if new_set and self._augmentation is not None and self._new_classes:
+            dataset = ArtefactAugmentedDataset(dataset, self._augmentation, self._storage_size)
         if memory is not None and len(memory):
             dataset = ConcatDataset([dataset, memory.as_dataset(dataset.trsf)])
         return (*result[:-1], dataset) if ret_data else dataset
+
+    def clean_train_set(self, classes: Sequence[int]) -> tuple[Dataset, np.ndarray | None]:
+        """PyCIL's training set of ``classes`` (train transforms, no augmentation by the plugin,
+        items in the order PyCIL's own call gives them) and its true object boxes, or None."""
+        indices = np.asarray(classes, dtype=np.int64)
+        dataset = self._own_dataset(indices, "train", "train")[1]
+        truth = self.new_class_object_boxes(indices)
+        return dataset, truth if truth is not None and len(truth) == len(dataset) else None
 
     def class_items(self, label: int) -> tuple[Sequence, np.ndarray]:
         """Raw training items (arrays or paths) of one class and their positions."""

@@ -142,7 +142,7 @@ def wrap_learner(model: Any, args: dict) -> Any:
     model._ckpt_setup(args, cfg.cim_checkpoint, cfg.cim_resume)
     model._first_phase_setup(args, cfg.cim_first_phase_from)
     if cfg.cim:
-        model._cim_setup(cfg)
+        model.cim_setup(cfg)
     return model
 
 

@@ -36,3 +36,21 @@ def apply_module_hparams(args: dict) -> dict:
     for key, (old, new) in changed.items():
         log.info("cim-plugin: %s.%s = %r (from the JSON; PyCIL's constant is %r)", module_name, key, new, old)
     return changed
+
+
+def stage_epochs(learner, scheduler) -> int:
+    """Epochs of the learner's current training stage (for φ's cosine schedule): the scheduler's
+    ``T_max`` when it has one, else the JSON key or the learner module's constant
+    (``init_epoch(s)`` in the first phase, ``boosting_epochs`` / ``epochs`` later), else 1."""
+    t_max = getattr(scheduler, "T_max", None)
+    if isinstance(t_max, int) and t_max > 0:
+        return t_max
+    keys = ("init_epochs", "init_epoch") if learner._cur_task == 0 else ("boosting_epochs", "epochs")
+    own = next((c for c in type(learner).__mro__ if c.__module__.startswith("models.") and c.__module__ != "models.base"),
+               type(learner))
+    module = importlib.import_module(own.__module__)
+    for key in keys:
+        value = learner.args.get(key, getattr(module, key, None))
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1

@@ -10,7 +10,8 @@ herding, which also builds the class means for NME evaluation.
 
 The network is PyCIL's ``CosineIncrementalNet`` (CosineLinear in the first task, SplitCosineLinear
 after; logits = learned sigma x cosine) on a ``cosine_resnet*`` backbone (last block without the
-final ReLU). The loss of a batch (``cil_loss``; ``loss_terms`` gives the parts):
+final ReLU). The loss of a batch (``cil_loss``; ``loss_terms`` gives the parts; the pieces are the
+pure functions of core/lucir_losses.py):
 
 - task 0: CE on the cosine logits;
 - later: CE + lambda * (1 - cos(f_new, f_old)) (less-forget constraint on the normalised features,
@@ -31,7 +32,6 @@ exps/lucir.json).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from utils.inc_net import CosineIncrementalNet
 
+from ..core.lucir_losses import less_forget_loss, less_forget_weight, margin_ranking_loss
 from .nets import unwrap
 
 log = logging.getLogger(__name__)
@@ -75,40 +76,6 @@ MOMENTUM = 0.9
 
 #: Keys other PyCIL learners (FOSTER) use for what LUCIR reads under the iCaRL/MEMO name.
 _OTHER_NAMES = {"init_epochs": "init_epoch", "lr": "lrate"}
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss pieces (pure functions of tensors)
-
-
-def less_forget_weight(lambda_base: float, n_old: int, n_new: int) -> float:
-    """lambda = lambda_base * sqrt(|old classes| / |new classes|) (the paper's adaptive weight)."""
-    return float(lambda_base) * math.sqrt(n_old / n_new)
-
-
-def less_forget_loss(features: torch.Tensor, old_features: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 - cos(f_new, f_old) (CosineEmbeddingLoss with target 1); the old side is detached."""
-    return (1.0 - F.cosine_similarity(features, old_features.detach(), dim=1, eps=1e-8)).mean()
-
-
-def margin_ranking_loss(cosines: torch.Tensor, targets: torch.Tensor, n_old: int, K: int, margin: float) -> torch.Tensor:
-    """Margin ranking loss on the old-class samples of a batch.
-
-    ``cosines`` ``[B, C]`` are the unscaled cosine scores (old classes first). For every sample
-    whose label is an old class, its ground-truth score must exceed each of the K largest
-    new-class scores by ``margin``: mean over those samples x K of max(0, m - (s_gt - s_new)).
-    Zero (with a graph) when the batch holds no old-class sample.
-    """
-    old = targets < n_old
-    if n_old <= 0 or n_old >= cosines.shape[1] or not bool(old.any()):
-        return cosines.sum() * 0.0
-    k = min(int(K), cosines.shape[1] - n_old)
-    gt = cosines[old].gather(1, targets[old].view(-1, 1))  # [H, 1]
-    hardest = cosines[old, n_old:].topk(k, dim=1).values  # [H, k]
-    return F.relu(margin - (gt - hardest)).mean()
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class LUCIR(BaseLearner):

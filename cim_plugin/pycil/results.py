@@ -184,7 +184,8 @@ class ResultsMixin:
         return cnn, nme
 
     def _results_memory(self) -> dict:
-        memory = getattr(self, "_cim_memory", None)
+        parts = getattr(self, "cim", None)
+        memory = None if parts is None else parts.memory
         if memory is not None:
             return memory.summary(self.samples_per_class, self._total_classes)
         return plain_memory_figures(self, self._results_storage_size)
@@ -196,8 +197,9 @@ class ResultsMixin:
         if callable(diagnostics) and (diag := diagnostics()) is not None:
             phase["diagnostics"] = diag
             log.info("Task %s %s", phase.get("task"), format_diagnostics(diag))
-        seconds = getattr(self, "_cim_seconds", None)
-        if seconds is not None:  # CIM's own work in this phase (plugin on)
+        parts = getattr(self, "cim", None)
+        if parts is not None:  # CIM's own work in this phase (plugin on)
+            seconds = parts.seconds
             phase["cim_seconds"] = {k: round(v, 2) for k, v in seconds.items()}
             seconds.clear()
         self._results_pending = {}
