@@ -33,7 +33,8 @@ def verdicts(rows: list[dict], metric: str = "avg_incremental_cnn_top1") -> list
         if off is None or off[f"{metric}_mean"] is None:
             continue
         parts = [f"off {off[f'{metric}_mean']:.2f} ± {off[f'{metric}_std']:.2f}"]
-        for variant in ablation.VARIANTS[1:]:
+        names = sorted({r["variant"] for r in rows if r["learner"] == learner} - {"off"}, key=ablation._variant_rank)
+        for variant in names:
             row = by.get((learner, variant))
             if row is None or row[f"{metric}_mean"] is None:
                 continue
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="bench_accuracy")
     p.add_argument("--learners", nargs="+", default=["icarl", "foster"], choices=LEARNERS)
     p.add_argument("--configs", nargs="+", help="PyCIL JSON files instead of exps/<learner>_cim_demo.json")
-    p.add_argument("--variants", nargs="+", default=["off", "random", "cam", "pau", "oracle"], choices=ablation.VARIANTS)
+    p.add_argument("--variants", nargs="+", default=["off", "random", "cam", "pau", "oracle"],
+                   help="off, mrdc, a mask source, or a mask source + a pixel codec such as pau+jpeg")
     p.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995])
     args = p.parse_args(argv)
     configs = args.configs or [EXPS / f"{name}_cim_demo.json" for name in args.learners]

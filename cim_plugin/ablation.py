@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm import tqdm
 
 from .atomic import atomic_open
-from .config import ABLATION_VARIANTS, SUPPORTED_LEARNERS
+from .config import ABLATION_VARIANTS, SUPPORTED_LEARNERS, variant_keys
 from .launch import RunError, patched_pycil_root, run_pycil
 from .metrics import mean_std
 
@@ -120,15 +120,14 @@ def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None
     """The base config with the variant's plugin switches and one seed; nothing else changes.
     ``first_phase``: the shared phase-0 checkpoint (shared-first-phase mode): the off run writes
     it (``cim_checkpoint``), the other variants start from it (``cim_first_phase_from``)."""
-    if variant not in VARIANTS:
-        raise AblationError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    try:
+        keys = variant_keys(variant)
+    except ValueError as err:
+        raise AblationError(str(err)) from None
     config = {k: v for k, v in base.items() if k not in ("config", "logfilename", "cim_first_phase_from")}
     config["seed"] = [int(seed)]
     config["prefix"] = f"ablation_{variant}"
-    if variant == "off":
-        config["cim"] = False
-    else:
-        config.update(cim=True, cim_mask=variant)
+    config.update(keys if keys is not None else {"cim": False})
     if first_phase is not None:
         if variant == "off":
             config["cim_checkpoint"] = True
@@ -189,8 +188,10 @@ def _learner_rank(learner: str) -> tuple[int, str]:
     return (SUPPORTED_LEARNERS.index(learner) if learner in SUPPORTED_LEARNERS else len(SUPPORTED_LEARNERS), learner)
 
 
-def _variant_rank(variant: str) -> tuple[int, str]:
-    return (VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS), variant)
+def _variant_rank(variant: str) -> tuple[int, int, str]:
+    """Table order: the known variants in ``VARIANTS`` order, a codec variant after its mask source."""
+    base, _, codec = variant.partition("+")
+    return (VARIANTS.index(base) if base in VARIANTS else len(VARIANTS), 1 if codec else 0, variant)
 
 
 # ------------------------------------------------------------------------------------- running

@@ -108,10 +108,18 @@ def _run_where(args) -> int:
 def _add_run_options(p, variants: tuple[str, ...], out: str, out_help: str) -> None:
     """The options of the subcommands that run PyCIL (demo, ablate): the variants to run (default
     ``variants``), first phases shared or not, the output folder (default ``out``), echo or not."""
-    from cim_plugin.config import ABLATION_VARIANTS
+    from cim_plugin.config import ABLATION_VARIANTS, variant_keys
 
-    p.add_argument("--variants", nargs="+", default=list(variants), choices=list(ABLATION_VARIANTS),
-                   help="variants to run per learner (default: " + " ".join(variants) + ")")
+    def variant(name: str) -> str:
+        try:
+            variant_keys(name)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return name
+
+    p.add_argument("--variants", nargs="+", default=list(variants), type=variant,
+                   help="variants to run per learner: " + ", ".join(ABLATION_VARIANTS)
+                        + ", or a mask source + a pixel codec such as pau+jpeg (default: " + " ".join(variants) + ")")
     p.add_argument("--independent", action="store_true",
                    help="train every variant's first phase itself (default: the 'off' run of each learner and seed "
                         "trains phase 0 once and every variant starts from that model, building its own memory)")

@@ -21,7 +21,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 # BILEVEL_MODES and MASK_SOURCES: the core's vocabularies, also importable from here
-from .core.choices import BILEVEL_MODES, MASK_SOURCES, SQUARE_RATIOS, downsample_factor
+from .core.choices import BILEVEL_MODES, MASK_SOURCES, PIXEL_CODECS, SQUARE_RATIOS, downsample_factor
 from .data.synthetic import SyntheticSpec
 
 #: Learners the plugin can extend.
@@ -29,7 +29,25 @@ SUPPORTED_LEARNERS = ("icarl", "der", "foster", "lucir")
 #: The ablation's variants in table order (method.md §6): plain exemplars ("off"), then each mask
 #: source (core/choices.py: uniform downsampling, a random box, the CIL model's CAM, CIM with the
 #: PAU branch, and the true object box, a diagnostic for datasets that know their objects' boxes).
-ABLATION_VARIANTS = ("off", *MASK_SOURCES)
+ABLATION_VARIANTS = ("off", *MASK_SOURCES, "mrdc")
+#: Variants that are not a mask source by name, and their plugin keys: MRDC (Wang et al., ICLR 2022)
+#: is the whole image as one JPEG (quality from ``cim_codec_quality``, MRDC's 50 by default).
+NAMED_VARIANTS: dict[str, dict] = {"mrdc": {"cim_mask": "full", "cim_codec": "jpeg"}}
+
+
+def variant_keys(variant: str) -> dict | None:
+    """The plugin keys of an ablation variant: None for "off" (plugin off); a mask source
+    (``"pau"``: raw pixels), a mask source and a pixel codec (``"pau+jpeg"``), or a named variant
+    (``"mrdc"``). Raises ValueError naming what is allowed."""
+    if variant == "off":
+        return None
+    if variant in NAMED_VARIANTS:
+        return {"cim": True, **NAMED_VARIANTS[variant]}
+    mask, plus, codec = str(variant).partition("+")
+    if mask in MASK_SOURCES and (not plus or codec in PIXEL_CODECS):
+        return {"cim": True, "cim_mask": mask, "cim_codec": codec or "raw"}
+    raise ValueError(f"unknown variant {variant!r}: use off, mrdc, a mask source ({', '.join(MASK_SOURCES)}) or "
+                     f"a mask source + a pixel codec ({', '.join(PIXEL_CODECS)}), e.g. pau+jpeg")
 #: Prefixes that mark a key as the plugin's own (an unknown key with such a prefix is an error).
 PLUGIN_PREFIXES = ("cim_", "synthetic_")
 
@@ -136,7 +154,8 @@ class CIMConfig:
     cim_mask: str = key(
         "pau", one_of(*MASK_SOURCES),
         'mask source: `"pau"` (CAM of the CIM branch: PAU activations, shared conv/BN), `"cam"` '
-        '(fixed-threshold CAM of the CIL model), `"uniform"` (whole image downsampled, no box), `"random"` '
+        '(fixed-threshold CAM of the CIL model), `"full"` (the whole image is the box: plain exemplars in the '
+        'plugin\'s memory — with a codec, MRDC), `"uniform"` (whole image downsampled, no box), `"random"` '
         '(a box of the CAM box\'s size at a random place), `"oracle"` (the true object box, grid-aligned: '
         "a diagnostic for datasets that know their boxes — the synthetic set)")
     cim_bilevel: str = key(
@@ -160,6 +179,13 @@ class CIMConfig:
     compress_ratio: float = key(
         4.0, square_ratio,
         "area ratio outside the box; must be a square (4, 9, 16, …): each side is downsampled by its root")
+    cim_codec: str = key(
+        "raw", one_of(*PIXEL_CODECS),
+        'how stored pixels are kept: `"raw"` (uint8 as they are), or entropy-coded `"jpeg"`, `"webp"`, '
+        '`"png"` — the box crop and the low-resolution rest as two files; an exemplar costs its encoded '
+        "bytes (with a 4-byte length header) over the bytes of one raw full exemplar")
+    cim_codec_quality: int = key(
+        50, int_in(1, 100), "quality of `\"jpeg\"` (capped at 95) and `\"webp\"`; MRDC's anchor is JPEG 50")
     mask_threshold: float = key(0.6, number_in(0.0, 1.0, hi_open=True), "CAM threshold τ in [0, 1)")
     cam_update_interval: int = key(
         40, int_in(1), "epochs between refreshes of the new-class boxes used for the artefact augmentation")

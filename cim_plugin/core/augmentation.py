@@ -13,6 +13,10 @@ import numpy as np
 
 class ArtefactAugmentation:
     def __init__(self, factor: int, interval: int, share_step: float):
+        #: ``compress(images [n, H, W, C] uint8, boxes [n, 4]) -> images``: what storing does to an
+        #: image (the memory's ``reconstruct``, so that an entropy-coded memory's artefacts are
+        #: trained on too); None: box at full resolution, the rest downsampled by ``factor``.
+        self.compress = None
         self.factor = int(factor)
         self.interval = int(interval)
         self.share_step = float(share_step)

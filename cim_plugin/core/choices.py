@@ -13,9 +13,14 @@ import math
 import numbers
 
 #: Mask sources, i.e. how the full-resolution box of an exemplar is chosen (see masks.py), in the
-#: order of the ablation's table (method.md §6): no box (the whole image downsampled), a random
-#: box, the CIL model's CAM, CIM's PAU branch, the true object box (a diagnostic).
-MASK_SOURCES: tuple[str, ...] = ("uniform", "random", "cam", "pau", "oracle")
+#: order of the ablation's table (method.md §6): the whole image (nothing downsampled: a plain
+#: exemplar in the plugin's memory), no box (the whole image downsampled), a random box, the CIL
+#: model's CAM, CIM's PAU branch, the true object box (a diagnostic).
+MASK_SOURCES: tuple[str, ...] = ("full", "uniform", "random", "cam", "pau", "oracle")
+
+#: How the pixels of a stored exemplar are kept: as they are ("raw"), or entropy-coded as a JPEG,
+#: WebP or PNG file (core/pixel_codec.py) — the box crop and the low-resolution rest separately.
+PIXEL_CODECS: tuple[str, ...] = ("raw", "jpeg", "webp", "png")
 
 #: How the PAU branch's coefficients φ are trained (see bilevel.py): the paper's bilevel step,
 #: without the inner step ("joint"), or not at all ("none": frozen at the ReLU fit).

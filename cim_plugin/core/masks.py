@@ -80,6 +80,16 @@ class PauMaskSource(CamMaskSource):
     needs_branch = True
 
 
+class FullMaskSource(MaskSource):
+    """The whole image is the box: nothing is downsampled (a plain exemplar, cost 1 when raw)."""
+
+    needs_cam = False
+
+    def boxes(self, images, labels, cam_fn=None, truth=None):
+        n, (h, w) = images.shape[0], images.shape[-2:]
+        return BoxResult(torch.tensor([[0, h, 0, w]], dtype=torch.int64).repeat(n, 1), torch.zeros(n, dtype=torch.bool))
+
+
 class UniformMaskSource(MaskSource):
     needs_cam = False
 
@@ -116,7 +126,7 @@ class OracleMaskSource(MaskSource):
 #: The class of each mask source, by the names (and in the order) of ``choices.MASK_SOURCES``.
 MASK_SOURCES: dict[str, type[MaskSource]] = dict(zip(
     choices.MASK_SOURCES,
-    (UniformMaskSource, RandomMaskSource, CamMaskSource, PauMaskSource, OracleMaskSource),
+    (FullMaskSource, UniformMaskSource, RandomMaskSource, CamMaskSource, PauMaskSource, OracleMaskSource),
     strict=True,
 ))
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_open
-from . import codec
+from . import codec, pixel_codec
 from .herding import fit_prefix
 
 #: Version of the on-disk / state_dict layout; bump when it changes.
@@ -65,8 +65,9 @@ class ExemplarMemory:
         self._index: np.ndarray | None = None  # cumulative counts over sorted labels
 
     # -- codec (overridden by the compressed memory) ------------------------------------------
-    def costs_of(self, boxes: np.ndarray) -> np.ndarray:
-        """Cost of storing each image with its box, in full-exemplar units."""
+    def costs_of(self, boxes: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        """Cost of storing each image with its box, in full-exemplar units (``images``: for
+        memories whose cost depends on the content, such as entropy-coded ones)."""
         return np.ones(len(boxes), dtype=np.float64)
 
     def _encode(self, images: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +125,13 @@ class ExemplarMemory:
         """Pixel bytes actually held (crops + low-resolution cells)."""
         return int(sum(s.offsets[-1] for s in self._classes.values()))
 
+    def bytes_per_exemplar(self) -> dict | None:
+        """Mean, min and max payload bytes of one stored exemplar (None when empty)."""
+        sizes = np.concatenate([np.diff(s.offsets) for s in self._classes.values()]) if self._classes else np.zeros(0)
+        if not len(sizes):
+            return None
+        return {"mean": round(float(sizes.mean()), 1), "min": int(sizes.min()), "max": int(sizes.max())}
+
     def metadata_bytes(self) -> int:
         """Bytes of the per-exemplar bookkeeping (box, cost, offset) beside the pixels."""
         return int(sum(s.boxes.nbytes + s.costs.nbytes + s.offsets.nbytes for s in self._classes.values()))
@@ -167,7 +175,7 @@ class ExemplarMemory:
         boxes = self.full_boxes(len(images)) if boxes is None else np.asarray(boxes, dtype=np.int64)
         if boxes.shape != (len(images), 4):
             raise ValueError(f"boxes must be [{len(images)}, 4], got {tuple(boxes.shape)}")
-        costs = self.costs_of(boxes)
+        costs = self.costs_of(boxes, images)
         keep = len(images) if budget is None else fit_prefix(costs, budget)
         payload, offsets = self._encode(images[:keep], boxes[:keep])
         self._classes[int(label)] = ClassExemplars(boxes[:keep].copy(), costs[:keep], payload, offsets)
@@ -221,6 +229,7 @@ class ExemplarMemory:
             "mean_cost": round(self.units_used() / len(self), 6) if len(self) else None,
             "mean_box_area": self.mean_box_area(),
             "bytes_used": self.bytes_used(),
+            "bytes_per_exemplar": self.bytes_per_exemplar(),
             "metadata_bytes": self.metadata_bytes(),
             "full_exemplar_bytes": self.full_exemplar_bytes,
             "storage_shape": list(self.image_shape),
@@ -310,7 +319,7 @@ class CompressedExemplarMemory(ExemplarMemory):
     def meta(self) -> dict:
         return {**super().meta(), "compress_ratio": self.compress_ratio}
 
-    def costs_of(self, boxes: np.ndarray) -> np.ndarray:
+    def costs_of(self, boxes: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
         return np.asarray(
             codec.exemplar_cost(torch.as_tensor(boxes, dtype=torch.int64), self.image_shape[:2], self.factor),
             dtype=np.float64,
@@ -327,6 +336,85 @@ class CompressedExemplarMemory(ExemplarMemory):
 
     def _decode(self, store: ClassExemplars, indices: np.ndarray) -> np.ndarray:
         return codec.decode_batch(store.payload, store.offsets, store.boxes, indices, self.image_shape, self.factor)
+
+
+class CodedExemplarMemory(CompressedExemplarMemory):
+    """CIM exemplars whose pixels are entropy-coded (core/pixel_codec.py): the box crop and the
+    whole low-resolution image (every s-th pixel) as two files. Item payload: 4-byte little-endian
+    length of the crop's file, the crop's file, the low-resolution file. An exemplar costs its
+    payload bytes over the bytes of one raw full exemplar, so herding consumes the byte budget with
+    real costs. A box covering the whole image stores no low-resolution file (MRDC: the whole image
+    as one JPEG); an empty box stores no crop. JPEG's tables are stored once (``metadata_bytes``),
+    not per exemplar (see pixel_codec)."""
+
+    kind = "coded"
+    HEADER = 4
+
+    def __init__(self, image_shape: tuple[int, int, int], compress_ratio: float, codec: str, quality: int):
+        super().__init__(image_shape, compress_ratio)
+        pixel_codec.check_codec(codec, quality)
+        self.codec, self.quality = codec, int(quality)
+
+    def meta(self) -> dict:
+        return {**super().meta(), "codec": self.codec, "quality": self.quality}
+
+    def metadata_bytes(self) -> int:
+        """Per-exemplar bookkeeping plus the JPEG tables shared by every stored file."""
+        shared = len(pixel_codec.jpeg_tables(self.quality)) if self.codec == "jpeg" and len(self) else 0
+        return super().metadata_bytes() + shared
+
+    def _encode_item(self, image: np.ndarray, box: np.ndarray) -> bytes:
+        y0, y1, x0, x1 = (int(v) for v in box)
+        h, w, _ = self.image_shape
+        crop = pixel_codec.encode(np.ascontiguousarray(image[y0:y1, x0:x1]), self.codec, self.quality)
+        full = y0 <= 0 and x0 <= 0 and y1 >= h and x1 >= w
+        low = b"" if full else pixel_codec.encode(np.ascontiguousarray(image[:: self.factor, :: self.factor]), self.codec, self.quality)
+        return len(crop).to_bytes(self.HEADER, "little") + crop + low
+
+    def _encode(self, images: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        items = [self._encode_item(img, box) for img, box in zip(images, boxes)]
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in items])]).astype(np.int64)
+        payload = np.frombuffer(b"".join(items), dtype=np.uint8).copy() if items else np.zeros(0, dtype=np.uint8)
+        return payload, offsets
+
+    def _decode_item(self, data: np.ndarray, box: np.ndarray) -> np.ndarray:
+        h, w, c = self.image_shape
+        s = self.factor
+        y0, y1, x0, x1 = (int(v) for v in box)
+        n_crop = int.from_bytes(bytes(data[: self.HEADER]), "little")
+        crop = pixel_codec.decode(data[self.HEADER : self.HEADER + n_crop], (max(y1 - y0, 0), max(x1 - x0, 0), c), self.quality)
+        rest = data[self.HEADER + n_crop :]
+        if len(rest):
+            low = pixel_codec.decode(rest, (-(-h // s), -(-w // s), c), self.quality)
+            out = low[np.arange(h) // s][:, np.arange(w) // s]
+        else:
+            out = np.zeros((h, w, c), dtype=np.uint8)
+        if crop.size:
+            out[y0:y1, x0:x1] = crop
+        return out
+
+    def _decode(self, store: ClassExemplars, indices: np.ndarray) -> np.ndarray:
+        return np.stack([self._decode_item(store.payload[store.offsets[i] : store.offsets[i + 1]], store.boxes[i])
+                         for i in indices])
+
+    def costs_of(self, boxes: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        if images is None:
+            raise ValueError("an entropy-coded memory prices an exemplar by its encoded bytes: pass the images")
+        boxes = np.asarray(boxes, dtype=np.int64)
+        super().costs_of(boxes)  # the same box checks as the raw memory (aligned, inside the image)
+        sizes = [len(self._encode_item(img, box)) for img, box in zip(images, boxes)]
+        return np.asarray(sizes, dtype=np.float64) / self.full_exemplar_bytes
+
+    def reconstruct(self, images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        encoded = [np.frombuffer(self._encode_item(img, box), dtype=np.uint8) for img, box in zip(images, boxes)]
+        return np.stack([self._decode_item(e, box) for e, box in zip(encoded, boxes)]) if encoded else np.asarray(images)
+
+
+def make_memory(image_shape: tuple[int, int, int], compress_ratio: float, codec: str = "raw", quality: int = 50) -> ExemplarMemory:
+    """The memory of a run: raw CIM exemplars, or entropy-coded ones (``codec`` jpeg / webp / png)."""
+    if codec == "raw":
+        return CompressedExemplarMemory(image_shape, compress_ratio)
+    return CodedExemplarMemory(image_shape, compress_ratio, codec, quality)
 
 
 class MemoryDataset(torch.utils.data.Dataset):

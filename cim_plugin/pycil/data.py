@@ -243,9 +243,11 @@ class ArtefactAugmentedDataset(Dataset):
         raw, ok = to_storage([self.images[idx]], self.use_path, self.storage_size)
         if not ok[0]:  # unreadable file: PyCIL's own item (a readable stand-in, see RobustPathDataset)
             return self.base[idx]
-        x = torch.from_numpy(raw).permute(0, 3, 1, 2)
-        box = torch.as_tensor(st.boxes[idx : idx + 1], dtype=torch.int64)
-        img = blend_compress(x, box, st.factor)[0].permute(1, 2, 0).numpy()
+        box = np.asarray(st.boxes[idx : idx + 1], dtype=np.int64)
+        if st.compress is not None:  # the memory's own codec (raw CIM, or entropy-coded)
+            img = np.ascontiguousarray(st.compress(raw, box)[0])
+        else:
+            img = blend_compress(torch.from_numpy(raw).permute(0, 3, 1, 2), torch.from_numpy(box), st.factor)[0].permute(1, 2, 0).numpy()
         return idx, self.trsf(Image.fromarray(img)), self.labels[idx]
 
 

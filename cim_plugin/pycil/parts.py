@@ -35,7 +35,7 @@ from ..core.branch_trainer import BranchTrainer
 from ..core.diagnostics import StoredDiagnostics
 from ..core.gallery import Gallery
 from ..core.masks import make_mask_source
-from ..core.memory import CompressedExemplarMemory
+from ..core.memory import ExemplarMemory, make_memory
 from ..core.memory_builder import MemoryBuilder
 from . import hparams
 from .data import Normalizer, PluginDataManager, storage_shape, to_storage
@@ -93,15 +93,20 @@ class CIMParts:
         self.gallery = Gallery(cfg.cim_gallery, cfg.cim_mask)
         self.encoder = NetworkEncoder(learner, self)
         self.normalizer = Normalizer()
-        self.memory: CompressedExemplarMemory | None = None
+        self.memory: ExemplarMemory | None = None
         self.builder: MemoryBuilder | None = None
         self.seconds: defaultdict[str, float] = defaultdict(float)  # CIM's own work, per phase
         self.train_set: Any = None  # this phase's clean new-class training set (PyCIL's dataset)
         self.train_truth: np.ndarray | None = None  # its true object boxes, when the dataset knows them
 
     # -- life cycle ----------------------------------------------------------------------------
-    def use_memory(self, memory: CompressedExemplarMemory) -> None:
+    def _new_memory(self, shape: tuple[int, int, int]) -> ExemplarMemory:
+        cfg = self.cfg
+        return make_memory(shape, cfg.compress_ratio, cfg.cim_codec, cfg.cim_codec_quality)
+
+    def use_memory(self, memory: ExemplarMemory) -> None:
         self.memory = memory
+        self.augmentation.compress = memory.reconstruct
         self.builder = MemoryBuilder(memory, self.source, self.encoder, self.cfg.cam_batch_size,
                                      observers=(self.gallery, self.diagnostics))
 
@@ -109,7 +114,7 @@ class CIMParts:
         """A new incremental phase over ``new_classes``: the memory made at the first phase, the
         phase's clean new-class set taken, the phase-level state of every part reset."""
         if self.memory is None:
-            self.use_memory(CompressedExemplarMemory(storage_shape(dm, self.cfg.cim_storage_size), self.cfg.compress_ratio))
+            self.use_memory(self._new_memory(storage_shape(dm, self.cfg.cim_storage_size)))
         self.normalizer = Normalizer.from_data_manager(dm)
         self.train_set, self.train_truth = dm.clean_train_set(new_classes)
         if self.source.needs_truth and self.train_truth is None:
@@ -242,7 +247,7 @@ class CIMParts:
         lrn = self._learner
         memory = state.get("memory")
         if memory is not None:
-            self.use_memory(CompressedExemplarMemory(tuple(memory["image_shape"]), self.cfg.compress_ratio))
+            self.use_memory(self._new_memory(tuple(memory["image_shape"])))
             self.memory.load_state_dict(memory)
         self.trainer.load_state_dict(state.get("phi", {}), backbones(lrn._network))
         self.diagnostics.load_state_dict(state.get("diagnostics", {}))
