@@ -13,13 +13,17 @@ original, and the multiple of plugin-off's 5 exemplars per class. Memories:
 - ``pau-sized``: the true box grown about its centre to the mean box area CIM's pau reached on the
   demo (``--box-area``, 0.29: README), raw and + JPEG — what a CAM box of that size costs.
 
+Also the time to decode one stored exemplar as replay does (one item per call): multiply by the
+exemplars replayed per epoch and compare with an epoch's wall time (README: about 15 s per iCaRL
+epoch of the demo on 2 cores).
+
 Run: ``python benchmarks/exemplars_at_equal_bytes.py [--size 128] [--ratio 4] [--qualities 30 50 75 90]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import time
 
 import numpy as np
 import torch
@@ -45,7 +49,7 @@ def grown(boxes: np.ndarray, area: float, size: int) -> np.ndarray:
 def fill(images: np.ndarray, labels: np.ndarray, boxes: np.ndarray, ratio: float, codec: str, quality: int,
          units: float) -> dict:
     size = images.shape[1]
-    counts, sizes, mses = [], [], []
+    counts, sizes, mses, decode_s = [], [], [], []
     for label in np.unique(labels):
         idx = np.flatnonzero(labels == label)
         mem = make_memory((size, size, 3), ratio, codec, quality)
@@ -54,7 +58,12 @@ def fill(images: np.ndarray, labels: np.ndarray, boxes: np.ndarray, ratio: float
         store = mem.summary()
         sizes.append(store["bytes_used"] / max(kept, 1))
         mses.append(float(image_mse(torch.from_numpy(images[idx[:kept]]), torch.from_numpy(mem.images(int(label)))).mean()))
-    return {"per_class": float(np.mean(counts)), "bytes": float(np.mean(sizes)), "psnr": psnr_db(float(np.mean(mses)))}
+        t0 = time.perf_counter()
+        for i in range(kept):  # replay decodes one exemplar per item drawn
+            mem.images(int(label), np.array([i]))
+        decode_s.append((time.perf_counter() - t0) / max(kept, 1))
+    return {"per_class": float(np.mean(counts)), "bytes": float(np.mean(sizes)), "psnr": psnr_db(float(np.mean(mses))),
+            "decode_ms": 1000 * float(np.median(decode_s))}
 
 
 def main(argv=None) -> None:
@@ -88,7 +97,8 @@ def main(argv=None) -> None:
             name_shown = "mrdc" if (name == "full" and codec == "jpeg") else name
             psnr = "inf" if r["psnr"] is None else f"{r['psnr']:.1f}"
             print(f"  {name_shown:10s} {label:9s} {r['per_class']:5.1f} exemplars/class stored ({r['per_class'] / args.units:5.2f}x off; "
-                  f"capacity {full_bytes / r['bytes']:6.2f}x = full bytes / bytes each), {r['bytes']:8.0f} B each, PSNR {psnr} dB")
+                  f"capacity {full_bytes / r['bytes']:6.2f}x = full bytes / bytes each), {r['bytes']:8.0f} B each, PSNR {psnr} dB, "
+                  f"decode {r['decode_ms']:.2f} ms each")
     print("\nA class has 60 candidates, so 12x is the most this set can store; 'capacity' is what the byte budget "
           "would hold. The synthetic images are smooth renderings: JPEG codes them far better than photos "
           "(expect several times fewer bytes per image than on ImageNet).")
