@@ -21,7 +21,7 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 # BILEVEL_MODES and MASK_SOURCES: the core's vocabularies, also importable from here
-from .core.choices import BILEVEL_MODES, MASK_SOURCES, PIXEL_CODECS, SQUARE_RATIOS, downsample_factor
+from .core.choices import BILEVEL_MODES, MASK_SOURCES, PIXEL_CODECS, SQUARE_RATIOS, STORAGE_VIEWS, downsample_factor
 from .data.synthetic import SyntheticSpec
 
 #: Learners the plugin can extend.
@@ -194,8 +194,14 @@ class CIMConfig:
     cam_batch_size: int = key(16, int_in(1), "batch size of the CAM / feature passes")
     cim_storage_size: int = key(
         224, int_in(8, 4096),
-        "storage side S for path datasets (ImageNet): shorter side resized to S·256/224, centre S×S crop, "
-        "i.e. PyCIL's test geometry; array datasets are stored at their own size")
+        "storage side S for path datasets (ImageNet): each exemplar is stored as S×S uint8 (see "
+        "`cim_storage_view`); array datasets are stored at their own size")
+    cim_storage_view: str = key(
+        "whole", one_of(*STORAGE_VIEWS),
+        'path datasets: `"whole"` squeezes the whole image (views wider than 4:1 centre-cropped to 4:1) '
+        "into S×S and keeps its aspect (4 bytes), replay rebuilds it at shorter side S — the field of "
+        "view PyCIL's own replay of the file sees; `\"crop\"`: PyCIL's test view (shorter side "
+        "S·256/224, centre S×S crop)")
     cim_gallery: int = key(
         16, int_in(0, 1000),
         "classes (the first ones learnt) whose top-ranked exemplar is saved as original, CAM, box and "

@@ -83,8 +83,8 @@ EXPECTED = {  # a pixel of the centre crop (or the whole image when it is unifor
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_every_mode_gives_rgb_uint8_storage_image(files, name):
-    img = load_path_image(files[name], S)
-    assert img.shape == (S, S, 3) and img.dtype == np.uint8
+    img, aspect = load_path_image(files[name], S)
+    assert img.shape == (S, S, 3) and img.dtype == np.uint8 and 1 / 4 <= aspect <= 4
     assert np.all(np.abs(img.astype(int) - EXPECTED[name]) <= 1), img[S // 2, S // 2]
 
 
@@ -98,7 +98,7 @@ def test_alpha_is_composited_on_black(files):
 
 
 def test_cmyk_is_converted(files):
-    img = load_path_image(files["cmyk"], S)
+    img, _ = load_path_image(files["cmyk"], S)
     r, g, b = img[S // 2, S // 2].astype(int)
     assert r > 240 and g < 15 and b < 15  # C=0, M=Y=255: red
 
@@ -112,6 +112,47 @@ def test_storage_geometry_matches_pycil_test_transform():
     ref = np.asarray(transforms.Compose([transforms.Resize(short), transforms.CenterCrop(S)])(src)).astype(int)
     ours = storage_crop(src, S).astype(int)
     assert np.abs(ours - ref).mean() < 3.0  # same view up to sub-pixel rounding
+    np.testing.assert_array_equal(load_path_image_crop(src, S), storage_crop(src, S))
+
+
+def load_path_image_crop(src, size, tmp=None):
+    """``load_path_image`` with the crop view, through a real file."""
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "x.png")
+        src.save(path)
+        img, aspect = load_path_image(path, size, "crop")
+    assert aspect == 1.0
+    return img
+
+
+def test_the_whole_view_keeps_the_field_of_view_that_replay_sees():
+    """A 4:3 image with a marker at its left edge: the crop view loses the marker, the whole view
+    keeps it, and replay rebuilds the image at its aspect (shorter side S)."""
+    from cim_plugin.core.memory import ExemplarMemory, restore_view
+
+    src = np.full((60, 80, 3), 90, dtype=np.uint8)
+    src[:, :6] = (250, 0, 0)  # a red strip at the left edge
+    pil = Image.fromarray(src)
+    crop = storage_crop(pil, S)
+    whole, aspect = D.storage_whole(pil, S)
+    assert aspect == pytest.approx(80 / 60)
+    assert (crop[:, :, 0] < 200).all() and (whole[:, 0, 0] > 200).all()
+    back = np.asarray(restore_view(whole, aspect))
+    assert back.shape == (S, round(S * 80 / 60), 3)
+    ref = np.asarray(pil.resize((back.shape[1], S), Image.BILINEAR)).astype(int)
+    assert np.abs(back.astype(int) - ref).mean() < 4.0  # the file's view at shorter side S
+    mem = ExemplarMemory((S, S, 3))
+    mem.add_class(0, whole[None], aspects=np.array([aspect]))
+    _, replayed, _ = mem.as_dataset(lambda im: np.asarray(im)).__getitem__(0)
+    np.testing.assert_array_equal(replayed, back)  # the memory replays the rebuilt view
+    assert mem.as_dataset()[0][1].shape == (S, S, 3)  # without a transform: as stored
+
+
+def test_views_wider_than_four_to_one_are_cropped_to_it():
+    wide = Image.fromarray(np.zeros((10, 100, 3), dtype=np.uint8))
+    assert D.storage_whole(wide, S)[1] == pytest.approx(4.0)
+    assert D.storage_whole(wide.transpose(Image.TRANSPOSE), S)[1] == pytest.approx(0.25)
 
 
 def test_to_storage_skips_bad_files_with_a_warning(files, caplog):
@@ -189,7 +230,7 @@ def test_augmented_dataset_falls_back_to_pycils_item(files):
     ds = ArtefactAugmentedDataset(Base(), state, S)
     assert ds[0] == (0, "pycil's own", 0)
     _, img, _ = ds[1]
-    assert img.shape == (S, S, 3)
+    assert min(img.shape[:2]) == S and img.shape[2] == 3  # the whole view, rebuilt at shorter side S
 
 
 # -- the learner: unreadable files are left out of the candidates / keep the full box ----------

@@ -167,3 +167,14 @@ def test_augmentation_refreshes_on_schedule_and_caps_the_share():
     aug.reset()
     assert aug.share == 0.0 and aug.boxes is None
     assert not ArtefactAugmentation(2, 3, 0.0).due(3)
+
+
+def test_the_full_source_gives_plain_exemplars_in_the_compressed_memory():
+    """cim_mask "full": plugin-off's exemplars through the plugin's storage (cost 1, unchanged)."""
+    mem = CompressedExemplarMemory((S, S, 3), 4.0)
+    imgs = candidates()
+    b = builder(mem, source="full")
+    b.fill_class(0, imgs, budget=3.0, aspects=np.full(len(imgs), 1.5))
+    assert mem.count(0) == 3 and mem.units_used(0) == 3.0
+    assert all(any(np.array_equal(s, c) for c in imgs) for s in mem.images(0))
+    assert mem.item_view(0)[2] == 1.5  # the aspects travel with the ranked exemplars

@@ -22,6 +22,10 @@ MASK_SOURCES: tuple[str, ...] = ("full", "uniform", "random", "cam", "pau", "ora
 #: WebP or PNG file (core/pixel_codec.py) — the box crop and the low-resolution rest separately.
 PIXEL_CODECS: tuple[str, ...] = ("raw", "jpeg", "webp", "png")
 
+#: What a path dataset's exemplar stores (pycil/data.py): the whole image squeezed to S×S with its
+#: aspect kept, or PyCIL's centre test crop.
+STORAGE_VIEWS: tuple[str, ...] = ("whole", "crop")
+
 #: How the PAU branch's coefficients φ are trained (see bilevel.py): the paper's bilevel step,
 #: without the inner step ("joint"), or not at all ("none": frozen at the ReLU fit).
 BILEVEL_MODES: tuple[str, ...] = ("bilevel", "joint", "none")

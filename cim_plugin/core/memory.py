@@ -39,6 +39,7 @@ class ClassExemplars:
     costs: np.ndarray  # float64 [n] full-exemplar units
     payload: np.ndarray  # uint8 [total]
     offsets: np.ndarray  # int64 [n + 1]
+    aspects: np.ndarray  # float32 [n]: width / height of the view each stored image squeezes (1 = as stored)
 
     def __len__(self) -> int:
         return len(self.costs)
@@ -49,6 +50,7 @@ class ClassExemplars:
             self.costs[:k].copy(),
             self.payload[: self.offsets[k]].copy(),
             self.offsets[: k + 1].copy(),
+            self.aspects[:k].copy(),
         )
 
 
@@ -134,7 +136,7 @@ class ExemplarMemory:
 
     def metadata_bytes(self) -> int:
         """Bytes of the per-exemplar bookkeeping (box, cost, offset) beside the pixels."""
-        return int(sum(s.boxes.nbytes + s.costs.nbytes + s.offsets.nbytes for s in self._classes.values()))
+        return int(sum(s.boxes.nbytes + s.costs.nbytes + s.offsets.nbytes + s.aspects.nbytes for s in self._classes.values()))
 
     def mean_box_area(self) -> float | None:
         """Mean share of the image kept at full resolution, over every stored exemplar."""
@@ -159,12 +161,15 @@ class ExemplarMemory:
 
     # -- updates -----------------------------------------------------------------------------
     def add_class(
-        self, label: int, images: np.ndarray, boxes: np.ndarray | None = None, budget: float | None = None
+        self, label: int, images: np.ndarray, boxes: np.ndarray | None = None, budget: float | None = None,
+        aspects: np.ndarray | None = None,
     ) -> int:
         """Store ``images`` (uint8 ``[n, H, W, C]``, in rank order) for ``label``.
 
         Keeps the longest prefix whose cost fits ``budget`` units (all when None) and replaces
-        whatever the class held before. Returns how many were kept.
+        whatever the class held before. ``aspects``: width / height of the view each image
+        squeezes (path images stored whole, see ``restore_view``; default 1). Returns how many
+        were kept.
         """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
@@ -177,8 +182,11 @@ class ExemplarMemory:
             raise ValueError(f"boxes must be [{len(images)}, 4], got {tuple(boxes.shape)}")
         costs = self.costs_of(boxes, images)
         keep = len(images) if budget is None else fit_prefix(costs, budget)
+        aspects = np.ones(len(images), dtype=np.float32) if aspects is None else np.asarray(aspects, dtype=np.float32)
+        if aspects.shape != (len(images),) or not (np.isfinite(aspects) & (aspects > 0)).all():
+            raise ValueError(f"aspects must be [{len(images)}] positive numbers, got {aspects!r}")
         payload, offsets = self._encode(images[:keep], boxes[:keep])
-        self._classes[int(label)] = ClassExemplars(boxes[:keep].copy(), costs[:keep], payload, offsets)
+        self._classes[int(label)] = ClassExemplars(boxes[:keep].copy(), costs[:keep], payload, offsets, aspects[:keep].copy())
         self._index = None
         return keep
 
@@ -204,6 +212,11 @@ class ExemplarMemory:
 
     def item(self, index: int) -> tuple[np.ndarray, int]:
         """The ``index``-th exemplar in dataset order, reconstructed, with its label."""
+        image, label, _ = self.item_view(index)
+        return image, label
+
+    def item_view(self, index: int) -> tuple[np.ndarray, int, float]:
+        """``item`` and the aspect of the view the stored image squeezes (see ``restore_view``)."""
         if self._index is None:
             self._index = np.cumsum([len(self._classes[k]) for k in self.labels])
         n = int(self._index[-1]) if len(self._index) else 0
@@ -212,7 +225,7 @@ class ExemplarMemory:
         c = int(np.searchsorted(self._index, index, side="right"))
         label = self.labels[c]
         local = index - (int(self._index[c - 1]) if c else 0)
-        return self.images(label, np.array([local]))[0], label
+        return self.images(label, np.array([local]))[0], label, float(self._classes[label].aspects[local])
 
     def as_dataset(self, transform: Callable | None = None) -> "MemoryDataset":
         return MemoryDataset(self, transform)
@@ -250,6 +263,7 @@ class ExemplarMemory:
                 "costs": s.costs.copy(),
                 "payload": s.payload.copy(),
                 "offsets": s.offsets.copy(),
+                "aspects": s.aspects.copy(),
             }
         return state
 
@@ -269,9 +283,11 @@ class ExemplarMemory:
                 np.asarray(s["costs"], dtype=np.float64),
                 np.asarray(s["payload"], dtype=np.uint8),
                 np.asarray(s["offsets"], dtype=np.int64),
+                np.asarray(s.get("aspects", np.ones(len(s["costs"]))), dtype=np.float32),
             )
             n = len(store.costs)
-            if store.boxes.shape != (n, 4) or store.offsets.shape != (n + 1,) or store.offsets[-1] != len(store.payload):
+            if (store.boxes.shape != (n, 4) or store.offsets.shape != (n + 1,) or store.offsets[-1] != len(store.payload)
+                    or store.aspects.shape != (n,)):
                 raise ValueError(f"memory state of class {label} is inconsistent (corrupt?)")
             classes[int(label)] = store
         self._classes = classes
@@ -417,11 +433,23 @@ def make_memory(image_shape: tuple[int, int, int], compress_ratio: float, codec:
     return CodedExemplarMemory(image_shape, compress_ratio, codec, quality)
 
 
+def restore_view(image: np.ndarray, aspect: float) -> Image.Image:
+    """A stored ``[S, S, C]`` image as the view it squeezes: shorter side S, width / height =
+    ``aspect`` (1: the image as stored)."""
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    if abs(aspect - 1.0) < 1e-6:
+        return pil
+    side = image.shape[0]
+    size = (max(side, round(side * aspect)), side) if aspect > 1 else (side, max(side, round(side / aspect)))
+    return pil.resize(size, Image.BILINEAR)
+
+
 class MemoryDataset(torch.utils.data.Dataset):
     """The memory as a dataset: yields ``(index, transform(image), label)`` like PyCIL's DummyDataset.
 
     Images are reconstructed from the stored (compressed) form on every access, so what a learner
-    replays is exactly what the memory holds.
+    replays is exactly what the memory holds; a path image stored whole is given back at its own
+    aspect (``restore_view``) before the transform.
     """
 
     def __init__(self, memory: ExemplarMemory, transform: Callable | None = None):
@@ -433,8 +461,7 @@ class MemoryDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        image, label = self.memory.item(index)
-        out = Image.fromarray(image) if self.transform is not None else image
-        if self.transform is not None:
-            out = self.transform(out)
-        return index, out, label
+        image, label, aspect = self.memory.item_view(index)
+        if self.transform is None:
+            return index, image, label
+        return index, self.transform(restore_view(image, aspect)), label

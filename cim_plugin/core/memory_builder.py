@@ -94,9 +94,11 @@ class MemoryBuilder:
                                 truth=None if truth is None else torch.as_tensor(truth))
         return Boxing(res.boxes, res.fallback, feats, cam)
 
-    def fill_class(self, label: int, images: np.ndarray, budget: float, truth: np.ndarray | None = None) -> int:
+    def fill_class(self, label: int, images: np.ndarray, budget: float, truth: np.ndarray | None = None,
+                   aspects: np.ndarray | None = None) -> int:
         """Rank ``images`` (the class's readable candidates) and store the prefix that fits
-        ``budget`` units, replacing what the class held; returns the number of CAM fallbacks."""
+        ``budget`` units, replacing what the class held; returns the number of CAM fallbacks.
+        ``aspects``: the views the images squeeze (path images stored whole), kept with them."""
         if not len(images):
             return 0
         labels = np.full(len(images), label, dtype=np.int64)
@@ -117,7 +119,8 @@ class MemoryBuilder:
         boxes_np = torch.cat(boxes).numpy()
         target = torch.cat(clean).mean(dim=0)
         ranked = herding_rank(torch.cat(stored), target, self.memory.costs_of(boxes_np, images), budget)
-        self.memory.add_class(label, images[ranked], boxes_np[ranked], budget)
+        self.memory.add_class(label, images[ranked], boxes_np[ranked], budget,
+                              aspects=None if aspects is None else np.asarray(aspects)[ranked])
         all_cams = torch.cat(cams) if cams and cams[0] is not None else None
         filled = FilledClass(label, images, boxes_np, np.asarray(ranked, dtype=np.int64), all_cams, truth)
         for observer in self.observers:

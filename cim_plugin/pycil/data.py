@@ -3,9 +3,11 @@
 - Storage images (``to_storage``): raw training items of a PyCIL DataManager (uint8 arrays, or
   file paths for ImageNet-style folders) brought to the memory's storage resolution as uint8
   ``[n, H, W, 3]``. Array datasets keep their native size. Path datasets are stored at
-  ``cim_storage_size`` (S): shorter side resized to round(S·256/224), then a centre S×S crop —
-  PyCIL's own test geometry (Resize 256 + CenterCrop 224 at S = 224), so the stored view is what
-  the model sees at test time.
+  ``cim_storage_size`` (S) as S×S uint8: by default (``cim_storage_view`` "whole") the whole image
+  squeezed to S×S with its aspect kept beside it, and replay rebuilds the image (shorter side S, its
+  aspect) before PyCIL's transforms — so an exemplar keeps the field of view PyCIL's own replay of
+  the file sees; with "crop", PyCIL's test geometry (shorter side to round(S·256/224), centre S×S
+  crop), the view the model sees at test time.
 - Bad files: every image mode becomes 8-bit RGB (``to_rgb``: 16-bit scaled, alpha composited on
   black, palette/CMYK/... converted; 1×1 or 3×900 images still give S×S). A file that cannot be
   decoded never stops a phase: ``to_storage`` reports it in its ``ok`` mask (warned once per
@@ -34,7 +36,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ..core.augmentation import ArtefactAugmentation
 from ..core.codec import blend_compress
-from ..core.memory import ExemplarMemory
+from ..core.memory import ExemplarMemory, restore_view
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +126,39 @@ def storage_crop(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)
 
 
-def load_path_image(path: str, size: int) -> np.ndarray:
-    """A file as uint8 ``[size, size, 3]`` (``open_rgb`` then ``storage_crop``); raises if unreadable."""
-    return storage_crop(open_rgb(path), size)
+#: The widest whole view kept (width / height or its inverse): a wider image is centre-cropped to
+#: it first, so that replay never rebuilds a 1:300 strip from an S×S store.
+MAX_ASPECT = 4.0
+
+
+def storage_whole(img: Image.Image, size: int) -> tuple[np.ndarray, float]:
+    """The whole RGB image squeezed to uint8 ``[size, size, 3]``, and its aspect (width / height).
+
+    Replay undoes the squeeze (``restore_view``: shorter side ``size``, the aspect as it was), so
+    the exemplar keeps the field of view PyCIL's own replay of the file sees; only the longer side
+    is stored at fewer pixels (size instead of size × aspect). Views wider than ``MAX_ASPECT`` are
+    centre-cropped to it first.
+    """
+    w, h = img.size
+    aspect = w / h
+    box = (0.0, 0.0, float(w), float(h))
+    if aspect > MAX_ASPECT:
+        cw = h * MAX_ASPECT
+        box, aspect = ((w - cw) / 2, 0.0, (w + cw) / 2, float(h)), MAX_ASPECT
+    elif aspect < 1 / MAX_ASPECT:
+        ch = w * MAX_ASPECT
+        box, aspect = (0.0, (h - ch) / 2, float(w), (h + ch) / 2), 1 / MAX_ASPECT
+    out = img.resize((size, size), Image.BILINEAR, box=box)
+    return np.asarray(out, dtype=np.uint8), float(aspect)
+
+
+def load_path_image(path: str, size: int, view: str = "whole") -> tuple[np.ndarray, float]:
+    """A file as uint8 ``[size, size, 3]`` and its aspect (``open_rgb`` then ``storage_whole``, or
+    ``storage_crop`` with aspect 1 for ``view`` "crop"); raises if unreadable."""
+    img = open_rgb(path)
+    if view == "crop":
+        return storage_crop(img, size), 1.0
+    return storage_whole(img, size)
 
 
 def warn_unreadable(path: str, err: BaseException) -> None:
@@ -138,28 +170,36 @@ def warn_unreadable(path: str, err: BaseException) -> None:
     log.warning("cim-plugin: cannot read image %s (%s: %s): skipped", key, type(err).__name__, err)
 
 
-def to_storage(items: Sequence, use_path: bool, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw items (arrays or paths) as uint8 ``[n, H, W, 3]`` at the storage resolution, and a bool
-    ``[n]`` mask of the items that could be read (rows of unreadable files are zeros).
+def read_storage(items: Sequence, use_path: bool, size: int, view: str = "whole") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw items (arrays or paths) as uint8 ``[n, H, W, 3]`` at the storage resolution, a bool
+    ``[n]`` mask of the items that could be read (rows of unreadable files are zeros), and each
+    item's aspect (float32 ``[n]``: width / height of the view the store squeezes, see
+    ``storage_whole``; 1 for arrays and crops).
 
     Never raises for a bad file: each unreadable file is warned about once (see
     ``warn_unreadable``), and a call with several bad files also logs their count.
     """
     if not use_path:
         images = np.ascontiguousarray(np.asarray(items), dtype=np.uint8)
-        return images, np.ones(len(images), dtype=bool)
+        return images, np.ones(len(images), dtype=bool), np.ones(len(images), dtype=np.float32)
     out = np.zeros((len(items), size, size, 3), dtype=np.uint8)
     ok = np.ones(len(items), dtype=bool)
+    aspects = np.ones(len(items), dtype=np.float32)
     for i, path in enumerate(items):
         try:
-            out[i] = load_path_image(path, size)
+            out[i], aspects[i] = load_path_image(path, size, view)
         except _UNREADABLE as err:
             ok[i] = False
             warn_unreadable(path, err)
     bad = int((~ok).sum())
     if bad and len(items) > 1:
         log.warning("cim-plugin: %d of %d images could not be read and were skipped", bad, len(items))
-    return out, ok
+    return out, ok, aspects
+
+
+def to_storage(items: Sequence, use_path: bool, size: int, view: str = "whole") -> tuple[np.ndarray, np.ndarray]:
+    """``read_storage`` without the aspects: the stored images and the readable mask."""
+    return read_storage(items, use_path, size, view)[:2]
 
 
 def check_image(path: str) -> str | None:
@@ -226,10 +266,11 @@ class ArtefactAugmentedDataset(Dataset):
     resolution, the rest downsampled) and then passed through PyCIL's own transform.
     """
 
-    def __init__(self, base: Dataset, state: ArtefactAugmentation, storage_size: int):
+    def __init__(self, base: Dataset, state: ArtefactAugmentation, storage_size: int, view: str = "whole"):
         self.base = base
         self.state = state
         self.storage_size = storage_size
+        self.view = view
         self.images, self.labels = base.images, base.labels
         self.trsf, self.use_path = base.trsf, base.use_path
 
@@ -240,7 +281,7 @@ class ArtefactAugmentedDataset(Dataset):
         st = self.state
         if st.boxes is None or st.share <= 0 or float(torch.rand(())) >= st.share:
             return self.base[idx]
-        raw, ok = to_storage([self.images[idx]], self.use_path, self.storage_size)
+        raw, ok, aspects = read_storage([self.images[idx]], self.use_path, self.storage_size, self.view)
         if not ok[0]:  # unreadable file: PyCIL's own item (a readable stand-in, see RobustPathDataset)
             return self.base[idx]
         box = np.asarray(st.boxes[idx : idx + 1], dtype=np.int64)
@@ -248,7 +289,7 @@ class ArtefactAugmentedDataset(Dataset):
             img = np.ascontiguousarray(st.compress(raw, box)[0])
         else:
             img = blend_compress(torch.from_numpy(raw).permute(0, 3, 1, 2), torch.from_numpy(box), st.factor)[0].permute(1, 2, 0).numpy()
-        return idx, self.trsf(Image.fromarray(img)), self.labels[idx]
+        return idx, self.trsf(restore_view(img, float(aspects[0]))), self.labels[idx]
 
 
 class RobustPathDataset(Dataset):
@@ -311,10 +352,11 @@ class PluginDataManager:
     """
 
     def __init__(self, data_manager: Any, augmentation: ArtefactAugmentation | None = None,
-                 storage_size: int = 224, new_classes: Sequence[int] = ()):
+                 storage_size: int = 224, new_classes: Sequence[int] = (), view: str = "whole"):
         self._dm = data_manager
         self._augmentation = augmentation
         self._storage_size = int(storage_size)
+        self._view = view
         self._new_classes = [int(c) for c in new_classes]
 
     def __getattr__(self, name: str) -> Any:
@@ -334,7 +376,7 @@ class PluginDataManager:
         result, dataset = self._own_dataset(indices, source, mode, appendent, ret_data, m_rate)
         new_set = source == "train" and mode == "train" and m_rate is None and [int(c) for c in indices] == self._new_classes
         if new_set and self._augmentation is not None and self._new_classes:
-            dataset = ArtefactAugmentedDataset(dataset, self._augmentation, self._storage_size)
+            dataset = ArtefactAugmentedDataset(dataset, self._augmentation, self._storage_size, self._view)
         if memory is not None and len(memory):
             dataset = ConcatDataset([dataset, memory.as_dataset(dataset.trsf)])
         return (*result[:-1], dataset) if ret_data else dataset

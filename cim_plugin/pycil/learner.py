@@ -59,8 +59,9 @@ class CIMLearnerMixin:
     def incremental_train(self, data_manager):
         known = self._known_classes
         new = np.arange(known, known + data_manager.get_task_size(self._cur_task + 1))
+        cfg = self.cim.cfg
         dm = PluginDataManager(getattr(data_manager, "_dm", data_manager), self.cim.augmentation,
-                               self.cim.cfg.cim_storage_size, new)
+                               cfg.cim_storage_size, new, cfg.cim_storage_view)
         self.cim.begin_phase(dm, new)
         return super().incremental_train(dm)
 

@@ -38,7 +38,7 @@ from ..core.masks import make_mask_source
 from ..core.memory import ExemplarMemory, make_memory
 from ..core.memory_builder import MemoryBuilder
 from . import hparams
-from .data import Normalizer, PluginDataManager, storage_shape, to_storage
+from .data import Normalizer, PluginDataManager, read_storage, storage_shape, to_storage
 from .losses import cil_loss_for
 from .nets import (
     backbones, branch_outputs, cam_and_features, eval_mode, extract_vector, feature_dim, maps_and_features,
@@ -137,16 +137,16 @@ class CIMParts:
     def fill_class(self, dm: PluginDataManager, label: int, budget: float) -> int:
         """Herd exemplars of one new class into the memory; returns the CAM fallbacks."""
         items, positions = dm.class_items(label)
-        raw, ok = to_storage(items, dm.use_path, self.cfg.cim_storage_size)
+        raw, ok, aspects = read_storage(items, dm.use_path, self.cfg.cim_storage_size, self.cfg.cim_storage_view)
         truth = dm.object_boxes(positions[ok])
         if not ok.all():
             log.warning("CIM memory: class %d: %d of %d images unreadable, left out of the candidates",
                         label, int((~ok).sum()), len(ok))
-            raw = raw[ok]
+            raw, aspects = raw[ok], aspects[ok]
         if not len(raw):
             log.warning("CIM memory: class %d has no readable image: no exemplars stored", label)
             return 0
-        return self.builder.fill_class(label, raw, budget, truth)
+        return self.builder.fill_class(label, raw, budget, truth, aspects if dm.use_path else None)
 
     def build_memory(self, dm: PluginDataManager, known: int, total: int, per_class: float, fixed: bool) -> np.ndarray:
         """Cut old classes to ``per_class`` units (unless ``fixed``), fill the new ones; returns the
@@ -222,7 +222,7 @@ class CIMParts:
         step = self.cfg.cam_batch_size
         for start in range(0, len(labels), step):
             sl = slice(start, start + step)
-            raw, ok = to_storage(ds.images[sl], ds.use_path, size)
+            raw, ok = to_storage(ds.images[sl], ds.use_path, size, self.cfg.cim_storage_view)
             chunk = np.tile(np.array([0, raw.shape[1], 0, raw.shape[2]], dtype=np.int64), (len(raw), 1))
             if ok.any():
                 t = None if truth is None else truth[sl][ok]
