@@ -116,3 +116,17 @@ def test_jpeg_tables_are_stored_once_and_streams_decode_like_whole_files():
     mem = CodedExemplarMemory((S, S, 3), 4.0, "jpeg", 50)
     mem.add_class(0, images(2), np.repeat(BOXES, 2, axis=0))
     assert mem.metadata_bytes() >= len(jpeg_tables(50))  # counted once, beside the pixels
+
+
+def test_codec_variants_run_and_report_through_the_ablation(tmp_path):
+    from cim_plugin import ablation
+
+    from fakes import BASE, FakeRunner
+
+    specs = ablation.plan([BASE], ["off", "mrdc", "pau+jpeg", "pau"], [1], tmp_path)
+    out = ablation.execute(specs, tmp_path, tmp_path, runner=FakeRunner())
+    assert sorted(out["ran"]) == sorted(s.name for s in specs)
+    written = ablation.report(tmp_path, figures=True)
+    table = written["aggregate.md"].read_text()
+    assert [v for v in ("| off |", "| pau |", "| pau+jpeg |", "| mrdc |") if v not in table] == []
+    assert table.index("| pau |") < table.index("| pau+jpeg |") < table.index("| mrdc |")
