@@ -168,9 +168,11 @@ def _add_ablate(sub) -> None:
 
 def _run_ablate(args) -> int:
     """For each PyCIL JSON (one per learner), run PyCIL's main.py for every variant and seed:
-    off = plain exemplars, uniform / random / cam / pau = CIM with that mask source (pau with
-    the config's cim_bilevel). Only cim, cim_mask, seed and prefix change between runs, so all
-    runs of a learner share the memory budget. Finished runs in OUT are skipped; crashed or
+    off = plain exemplars (PyCIL's own), full / uniform / random / cam / pau / oracle = the
+    plugin's memory with that mask source (pau with the config's cim_bilevel), mrdc = whole images
+    as JPEG, <mask>+<codec> (e.g. pau+jpeg) = a mask source with entropy-coded pixels. Only cim,
+    cim_mask, cim_codec, seed and prefix change between runs, so all runs of a learner share the
+    memory budget. Finished runs in OUT are skipped; crashed or
     killed ones run again. Writes OUT/aggregate.md, aggregate.csv, runs.csv and figures/*.png."""
     from cim_plugin import ablation
 
