@@ -194,3 +194,21 @@ def test_ablation_runner_runs_resumes_and_reports(pycil, tmp_path, capsys):
     outcome, _ = ablation.run_ablation([path], ["off", "random"], [5], out, root=pycil, figures=False)
     assert outcome == {"skipped": ["icarl_off_s5"], "ran": ["icarl_random_s5"], "failed": []}
     assert "ran 1, skipped 1 already finished, failed 0" in capsys.readouterr().out
+
+
+def test_a_jpeg_coded_memory_trains_checkpoints_and_resumes_inside_pycil(pycil, tmp_path):
+    """DER with CIM boxes and JPEG-coded pixels: the memory counts its real bytes within the budget,
+    and a run resumed from its checkpoints restores the coded memory and the same accuracies."""
+    config = {**TINY, **LEARNER_KEYS["der"], **CIM, "model_name": "der", "data_root": str(tmp_path / "cache"),
+              "prefix": "jpeg", "cim_codec": "jpeg", "cim_checkpoint": True}
+    first = results_of(run_main(pycil, config, tmp_path, "first"), pycil)
+    for phase in first["phases"]:
+        memory = phase["memory"]
+        assert memory["kind"] == "coded" and 0 < memory["bytes_used"] <= memory["budget_bytes"]
+        assert memory["bytes_per_exemplar"]["max"] < memory["full_exemplar_bytes"]
+        assert memory["mean_exemplars_per_class"] > memory["units_per_class"]  # more than plain exemplars
+    proc = run_main(pycil, {**config, "cim_resume": True}, tmp_path, "again")
+    again = results_of(proc, pycil)
+    assert proc.stdout.count("resumed task") == 2
+    assert [p["cnn_top1"] for p in again["phases"]] == [p["cnn_top1"] for p in first["phases"]]
+    assert again["phases"][-1]["memory"] == first["phases"][-1]["memory"]
