@@ -235,6 +235,11 @@ class CIMConfig:
         "a phase-0 checkpoint (`<log>_ckpt/task_0.pt` of a run with the same learner, dataset, class order "
         "and backbone): phase 0 is loaded instead of trained, and the run builds its own memory from that "
         "model (see *Shared first phase*). Plugin on or off")
+    cim_later_seed: int | None = key(
+        None, int_in(0),
+        "reseed python, numpy and torch with this value before the second phase: runs that share their "
+        "first phase and differ only here measure the later phases' run-to-run spread (the noise floor of "
+        "an ablation). Plugin on or off")
     #: PyCIL's own keys, copied for the plugin's parts (validated in pycil/checks.py, not plugin keys).
     model_name: str = ""
     seed: int = 1993

@@ -103,3 +103,33 @@ def test_deterministic_without_seeding(keep_state):
     torch.use_deterministic_algorithms(False)
     hook.seed_run(args(cim_seed=False, deterministic=True), CIMConfig.from_args(args(cim_seed=False, deterministic=True)))
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_cim_later_seed_reseeds_before_the_second_phase_only(keep_state):
+    from cim_plugin.pycil.first_phase import FirstPhaseMixin
+
+    class Base:
+        def __init__(self, task):
+            self._cur_task = task
+
+        def incremental_train(self, data_manager):
+            return torch.rand(3)
+
+    class Learner(FirstPhaseMixin, Base):
+        pass
+
+    def draws(later_seed, task=0):
+        torch.manual_seed(123)
+        torch.rand(int(later_seed or 0) % 7 + 1)  # each run has drawn a different amount so far
+        lrn = Learner(task)
+        lrn._first_phase_setup({}, None, later_seed)
+        return lrn.incremental_train(None)
+
+    assert torch.equal(draws(5), draws(5)) and not torch.equal(draws(5), draws(6))
+    assert not torch.equal(draws(None), draws(5))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    lrn = Learner(1)  # a later phase: no reseeding
+    lrn._first_phase_setup({}, None, 5)
+    assert torch.equal(lrn.incremental_train(None), expected)

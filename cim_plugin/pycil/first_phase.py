@@ -12,6 +12,9 @@ top: for ``cim_mask: "pau"`` the PAU coefficients φ get the mask steps the phas
 (``CIMLearnerMixin.cim_first_phase_steps``: the phase's epochs × steps per epoch, with the inner
 step size from the learner's own lr schedule, θ frozen). Not reproduced: the artefact augmentation
 of phase-0 training images (it would change θ, which is shared on purpose).
+
+``cim_later_seed`` reseeds the generators before the second phase: runs that share a first phase
+and differ only in this seed give the spread of the later phases that is chance alone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..seeding import seed_everything
 from .checkpoint import CheckpointError, map_location, set_rng_states
 
 log = logging.getLogger(__name__)
@@ -32,9 +36,16 @@ SHARED_KEYS = ("model_name", "dataset", "init_cls", "increment", "convnet_type",
 class FirstPhaseMixin:
     """Replaces phase-0 training by loading a shared phase-0 network (see module docstring)."""
 
-    def _first_phase_setup(self, args: dict, path: str | None) -> None:
+    def _first_phase_setup(self, args: dict, path: str | None, later_seed: int | None = None) -> None:
         self._first_phase_from = None if path is None else Path(path).expanduser()
         self._first_phase_run = {k: args.get(k) for k in SHARED_KEYS}
+        self._later_seed = later_seed
+
+    def incremental_train(self, data_manager):
+        if self._later_seed is not None and self._cur_task == 0:  # the second phase is next
+            seed_everything(self._later_seed)
+            log.info("cim-plugin: generators reseeded with cim_later_seed %d before the second phase", self._later_seed)
+        return super().incremental_train(data_manager)
 
     def _init_train(self, train_loader, test_loader, optimizer, scheduler):
         if self._first_phase_from is None or self._cur_task != 0:

@@ -140,7 +140,7 @@ def wrap_learner(model: Any, args: dict) -> Any:
     model.__class__ = type(f"{base.__name__}With{''.join(m.__name__.replace('Mixin', '') for m in mixins)}", (*mixins, base), {})
     model._results_setup(args, cfg.cim_storage_size)
     model._ckpt_setup(args, cfg.cim_checkpoint, cfg.cim_resume)
-    model._first_phase_setup(args, cfg.cim_first_phase_from)
+    model._first_phase_setup(args, cfg.cim_first_phase_from, cfg.cim_later_seed)
     if cfg.cim:
         model.cim_setup(cfg)
     return model
