@@ -1,0 +1,45 @@
+"""Shared by the benchmarks that need a trained network: the network of a phase-0 checkpoint and
+the synthetic set's images of its classes, normalised as PyCIL's synthetic set is (mean 0.5, std 0.25)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cim_plugin.data.synthetic import SyntheticSpec, load_synthetic
+
+#: PyCIL's transforms for the synthetic set (pycil/data.py ``synthetic_idata``): Normalize(0.5, 0.25).
+MEAN, STD = 0.5, 0.25
+
+
+@dataclass
+class FirstPhase:
+    net: torch.nn.Module
+    images: np.ndarray  # uint8 [n, H, W, 3] of the first phase's classes
+    labels: torch.Tensor  # int64 [n]: the network's class indices
+    boxes: np.ndarray  # int64 [n, 4]: true object boxes
+
+
+def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - MEAN) / STD
+
+
+def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit: int | None = None) -> FirstPhase:
+    """The checkpoint's network (eval mode) and the ``split`` ("train" or "test") images of its classes."""
+    pycil = pycil or os.environ.get("PYCIL_ROOT")
+    if not pycil:
+        raise SystemExit("give --pycil or set PYCIL_ROOT: the checkpoint holds PyCIL's network classes")
+    sys.path.insert(0, pycil)
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    net = payload["learner"]["_network"].eval()
+    known = net.fc.weight.shape[0] if hasattr(net.fc, "weight") else None
+    order = {int(c): i for i, c in enumerate(payload["class_order"])}
+    data = load_synthetic(SyntheticSpec(num_classes=len(order), image_size=size, train_per_class=60, test_per_class=20))
+    x, y, b = (data.train_x, data.train_y, data.train_boxes) if split == "train" else (data.test_x, data.test_y, data.test_boxes)
+    keep = [i for i, v in enumerate(y) if known is None or order[int(v)] < known][:limit]
+    return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep])
