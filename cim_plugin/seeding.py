@@ -10,6 +10,7 @@ No PyCIL imports here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -81,3 +82,19 @@ def restore_deterministic(state: dict) -> None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     else:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = state["cublas"]
+
+
+@contextlib.contextmanager
+def isolated_rng():
+    """Within the block, draws from python ``random``, numpy's global RNG and torch (CPU, and CUDA
+    when initialised) leave the generators as they were before it: the block's randomness does not
+    shift the random stream of what runs after it (the mask steps do not change the CIL training's
+    data order and augmentation draws)."""
+    py, np_state = random.getstate(), np.random.get_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)

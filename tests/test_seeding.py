@@ -133,3 +133,14 @@ def test_cim_later_seed_reseeds_before_the_second_phase_only(keep_state):
     lrn = Learner(1)  # a later phase: no reseeding
     lrn._first_phase_setup({}, None, 5)
     assert torch.equal(lrn.incremental_train(None), expected)
+
+
+def test_isolated_rng_leaves_every_generator_where_it_was(keep_state):
+    from cim_plugin.seeding import isolated_rng
+
+    seed_everything(7)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    seed_everything(7)
+    with isolated_rng():
+        random.random(), np.random.rand(5), torch.rand(9)  # the block's own draws
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected

@@ -37,6 +37,7 @@ from ..core.gallery import Gallery
 from ..core.masks import make_mask_source
 from ..core.memory import ExemplarMemory, make_memory
 from ..core.memory_builder import MemoryBuilder
+from ..seeding import isolated_rng
 from . import hparams
 from .data import Normalizer, PluginDataManager, read_storage, storage_shape, to_storage
 from .losses import cil_loss_for
@@ -192,7 +193,9 @@ class CIMParts:
 
     def mask_steps(self, scheduler: Any) -> None:
         """One epoch's φ updates: ``num_meta_iters_per_cls`` per new class, inner step size the
-        learner's current lr × ``lr_ratio``, BN as in PyCIL's own training step."""
+        learner's current lr × ``lr_ratio``, BN as in PyCIL's own training step. Their random draws
+        (batch shuffles, transforms) are isolated (``seeding.isolated_rng``): the CIL training after
+        them sees the random stream it would see without them."""
         if self.train_set is None:
             return
         lrn, cfg = self._learner, self.cfg
@@ -202,7 +205,7 @@ class CIMParts:
         lr = scheduler.optimizer.param_groups[0]["lr"] if scheduler is not None else 0.0
         net = unwrap(lrn._network)
         theta = [n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
-        with eval_mode(net), trained_backbones_batch_statistics(net):
+        with eval_mode(net), trained_backbones_batch_statistics(net), isolated_rng():
             parts, skipped = self.trainer.train(net, theta, self.branch_outputs, cil_loss_for(lrn), self._meta_batches,
                                                 iters, iters * hparams.stage_epochs(lrn, scheduler), lr * cfg.lr_ratio)
         log.info("CIM mask steps: %d this epoch (%d in phase), %s", iters, self.trainer.steps,
