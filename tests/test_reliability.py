@@ -284,8 +284,9 @@ print("child", os.getpid(), flush=True)
 time.sleep(120)
 """
 PARENT = """\
-import sys
+import signal, sys
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when started in the background
 from cim_plugin.launch import run_pycil
 run_pycil(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
 """
