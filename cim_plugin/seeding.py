@@ -84,17 +84,38 @@ def restore_deterministic(state: dict) -> None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = state["cublas"]
 
 
+def rng_states() -> dict:
+    """The states of every generator a run draws from (checkpoints, ``isolated_rng``)."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    """Put back states taken by ``rng_states``."""
+    torch.set_rng_state(states["torch"].cpu())
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            log.warning("saved CUDA RNG states are for %d devices, this machine has %d: not restored",
+                        len(cuda), torch.cuda.device_count())
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
 @contextlib.contextmanager
 def isolated_rng():
     """Within the block, draws from python ``random``, numpy's global RNG and torch (CPU, and CUDA
-    when initialised) leave the generators as they were before it: the block's randomness does not
-    shift the random stream of what runs after it (the mask steps do not change the CIL training's
-    data order and augmentation draws)."""
-    py, np_state = random.getstate(), np.random.get_state()
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(np_state)
+    when initialised) leave the generators as they were before it (``rng_states`` taken before,
+    ``set_rng_states`` after): the block's randomness does not shift the random stream of what runs
+    after it (the mask steps do not change the CIL training's data order and augmentation draws)."""
+    states = rng_states()
+    try:
+        yield
+    finally:
+        set_rng_states(states)

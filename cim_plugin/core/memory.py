@@ -162,14 +162,15 @@ class ExemplarMemory:
     # -- updates -----------------------------------------------------------------------------
     def add_class(
         self, label: int, images: np.ndarray, boxes: np.ndarray | None = None, budget: float | None = None,
-        aspects: np.ndarray | None = None,
+        aspects: np.ndarray | None = None, costs: np.ndarray | None = None,
     ) -> int:
         """Store ``images`` (uint8 ``[n, H, W, C]``, in rank order) for ``label``.
 
         Keeps the longest prefix whose cost fits ``budget`` units (all when None) and replaces
         whatever the class held before. ``aspects``: width / height of the view each image
-        squeezes (path images stored whole, see ``restore_view``; default 1). Returns how many
-        were kept.
+        squeezes (path images stored whole, see ``restore_view``; default 1). ``costs``: the
+        images' ``costs_of`` when the caller has them already (an entropy-coded memory prices an
+        image by encoding it). Returns how many were kept.
         """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
@@ -180,7 +181,9 @@ class ExemplarMemory:
         boxes = self.full_boxes(len(images)) if boxes is None else np.asarray(boxes, dtype=np.int64)
         if boxes.shape != (len(images), 4):
             raise ValueError(f"boxes must be [{len(images)}, 4], got {tuple(boxes.shape)}")
-        costs = self.costs_of(boxes, images)
+        costs = self.costs_of(boxes, images) if costs is None else np.asarray(costs, dtype=np.float64)
+        if costs.shape != (len(images),):
+            raise ValueError(f"costs must be [{len(images)}], got {tuple(costs.shape)}")
         keep = len(images) if budget is None else fit_prefix(costs, budget)
         aspects = np.ones(len(images), dtype=np.float32) if aspects is None else np.asarray(aspects, dtype=np.float32)
         if aspects.shape != (len(images),) or not (np.isfinite(aspects) & (aspects > 0)).all():

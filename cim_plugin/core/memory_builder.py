@@ -118,9 +118,10 @@ class MemoryBuilder:
             fallbacks += int(got.fallback.sum())
         boxes_np = torch.cat(boxes).numpy()
         target = torch.cat(clean).mean(dim=0)
-        ranked = herding_rank(torch.cat(stored), target, self.memory.costs_of(boxes_np, images), budget)
+        costs = self.memory.costs_of(boxes_np, images)
+        ranked = herding_rank(torch.cat(stored), target, costs, budget)
         self.memory.add_class(label, images[ranked], boxes_np[ranked], budget,
-                              aspects=None if aspects is None else np.asarray(aspects)[ranked])
+                              aspects=None if aspects is None else np.asarray(aspects)[ranked], costs=costs[ranked])
         all_cams = torch.cat(cams) if cams and cams[0] is not None else None
         filled = FilledClass(label, images, boxes_np, np.asarray(ranked, dtype=np.int64), all_cams, truth)
         for observer in self.observers:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
-import random
 import types
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..atomic import atomic_open
 from ..config import LUCIR_KEYS, MODULE_HPARAM_KEYS, PLUGIN_KEYS, PYCIL_KEYS
+from ..seeding import rng_states, set_rng_states  # noqa: F401 (also imported from here)
 from .results import run_base
 
 log = logging.getLogger(__name__)
@@ -135,28 +135,6 @@ def state_digest(state: dict) -> str:
         h.update(name.encode())
         feed(state[name])
     return h.hexdigest()
-
-
-def rng_states() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"].cpu())
-    cuda = states.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
-        else:
-            log.warning("checkpoint has CUDA RNG states for %d devices, this machine has %d: not restored",
-                        len(cuda), torch.cuda.device_count())
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
 
 
 class CheckpointMixin:
