@@ -164,7 +164,7 @@ class CIMConfig:
         'outer loss on clean ones), `"joint"` (outer loss without the inner step), `"none"` (φ frozen at '
         "the ReLU fit)")
     num_meta_iters_per_cls: float = key(
-        0.5, number_in(0.0), "mask steps after each CIL epoch = new classes × this")
+        0.5, number_in(0.0), "mask steps per CIL epoch = new classes × this, on average (fractions carry to later epochs: 0.05 × 5 classes = one step every 4th epoch)")
     meta_batch_size: int = key(16, int_in(2), "batch size of each of the two batches of a mask step")
     lr_ratio: float = key(0.1, number_in(0.0), "inner step size of a mask step = current CIL lr × this")
     phi_lr: float = key(0.01, number_in(0.0), "Adam lr of φ (cosine schedule over the stage)")

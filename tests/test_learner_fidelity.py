@@ -97,7 +97,7 @@ def test_phi_adam_has_the_official_weight_decay(monkeypatch):
     from cim_plugin.core import branch_trainer
 
     monkeypatch.setattr(branch_trainer, "mask_step", lambda *a, **k: {})  # only the optimiser is checked
-    learner = make()
+    learner = make(num_meta_iters_per_cls=1.0)
     plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([1, 1, 1, 1]))
     learner.cim.train_set, learner.cil_loss = plain, lambda *a: None
     learner.cim.meta_set = lambda: plain
@@ -130,3 +130,44 @@ def test_first_phase_steps_give_phi_the_phase_epochs_of_mask_steps(monkeypatch):
     # 3 epochs x 4 steps (2 classes x 2), inner step size = the learner's lr after each epoch x lr_ratio
     assert learner.cim.trainer.steps == 12
     assert lrs == pytest.approx([0.1] * 4 + [0.01] * 8)
+
+
+def test_a_fractional_mask_step_rate_is_carried_over_epochs_not_rounded_up(monkeypatch):
+    """0.25 steps per epoch (one new class × 0.25) is one step after every 4th epoch of the phase;
+    rounding it up to one step per epoch made the mask steps 4× as many as configured."""
+    from cim_plugin.core import branch_trainer
+    from cim_plugin.pycil import hparams
+
+    calls = []
+    monkeypatch.setattr(branch_trainer, "mask_step", lambda *a: calls.append(1) or {})
+    monkeypatch.setattr(hparams, "stage_epochs", lambda learner, scheduler: 8)
+    learner = make(num_meta_iters_per_cls=0.25)
+    plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([1, 1, 1, 1]))
+    learner.cim.train_set, learner.cil_loss = plain, lambda *a: None
+    learner.cim.meta_set = lambda: plain
+
+    class Sched:
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    per_epoch = []
+    for _ in range(8):
+        before = len(calls)
+        learner.cim.mask_steps(Sched())
+        per_epoch.append(len(calls) - before)
+    assert per_epoch == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert learner.cim.trainer.optimizer.param_groups[0]["initial_lr"] == learner.cim.trainer.phi_lr
+    # the cosine schedule spans the phase's 2 steps, not 8 (one per epoch)
+    assert learner.cim.trainer._stage["scheduler"].T_max == 2
+
+
+def test_branch_trainer_steps_due_adds_fractions_and_resets_per_phase():
+    from cim_plugin.core.bilevel import BilevelSettings
+    from cim_plugin.core.branch_trainer import BranchTrainer
+
+    t = BranchTrainer(BilevelSettings(factor=2), phi_lr=0.01, phi_weight_decay=0.0, train_old=False)
+    assert [t.steps_due(2.5) for _ in range(4)] == [2, 3, 2, 3]
+    t.begin_phase()
+    assert [t.steps_due(0.4) for _ in range(5)] == [0, 0, 1, 0, 1]
+    t.begin_phase()
+    assert [t.steps_due(0.0) for _ in range(3)] == [0, 0, 0]
+    assert [t.steps_due(1.0) for _ in range(3)] == [1, 1, 1]

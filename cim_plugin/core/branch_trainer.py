@@ -38,6 +38,7 @@ class BranchTrainer:
         self.branch: PAUBranch | None = None
         self._stage: dict | None = None
         self._synced = False
+        self._carry = 0.0  # the fraction of a mask step owed from earlier epochs of this phase
 
     @property
     def active(self) -> bool:
@@ -54,7 +55,16 @@ class BranchTrainer:
         return None if self._stage is None else self._stage["optimizer"]
 
     def begin_phase(self) -> None:
-        self._stage, self._synced = None, False
+        self._stage, self._synced, self._carry = None, False, 0.0
+
+    def steps_due(self, per_epoch: float) -> int:
+        """Mask steps to take after this epoch when ``per_epoch`` are due per epoch on average:
+        the fractions add up over the phase's epochs (0.25: one step after every 4th epoch; 2.5:
+        2, 3, 2, 3, ...), so a rate below one step per epoch is not rounded up to one."""
+        due = self._carry + max(0.0, float(per_epoch))
+        steps = int(due + 1e-9)
+        self._carry = max(0.0, due - steps)
+        return steps
 
     def sync(self, backbones: Sequence[nn.Module], device: torch.device | str) -> PAUBranch:
         """The branch over ``backbones``: grown by PAUs for new ones, rebound when they changed

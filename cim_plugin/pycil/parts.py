@@ -192,7 +192,8 @@ class CIMParts:
                 yield x.to(device), torch.as_tensor(y, dtype=torch.int64).to(device)
 
     def mask_steps(self, scheduler: Any) -> None:
-        """One epoch's φ updates: ``num_meta_iters_per_cls`` per new class, inner step size the
+        """One epoch's φ updates: ``num_meta_iters_per_cls`` per new class on average (fractions
+        carried over to later epochs of the phase: ``BranchTrainer.steps_due``), inner step size the
         learner's current lr × ``lr_ratio``, BN as in PyCIL's own training step. Their random draws
         (batch shuffles, transforms) are isolated (``seeding.isolated_rng``): the CIL training after
         them sees the random stream it would see without them."""
@@ -201,13 +202,17 @@ class CIMParts:
         lrn, cfg = self._learner, self.cfg
         if not self.branch().trainable_parameters():
             return
-        iters = max(1, int(round((lrn._total_classes - lrn._known_classes) * cfg.num_meta_iters_per_cls)))
+        per_epoch = (lrn._total_classes - lrn._known_classes) * cfg.num_meta_iters_per_cls
+        iters = self.trainer.steps_due(per_epoch)
+        if iters == 0:
+            return
+        stage_steps = max(1, int(per_epoch * hparams.stage_epochs(lrn, scheduler) + 1e-9))
         lr = scheduler.optimizer.param_groups[0]["lr"] if scheduler is not None else 0.0
         net = unwrap(lrn._network)
         theta = [n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
         with eval_mode(net), trained_backbones_batch_statistics(net), isolated_rng():
             parts, skipped = self.trainer.train(net, theta, self.branch_outputs, cil_loss_for(lrn), self._meta_batches,
-                                                iters, iters * hparams.stage_epochs(lrn, scheduler), lr * cfg.lr_ratio)
+                                                iters, stage_steps, lr * cfg.lr_ratio)
         log.info("CIM mask steps: %d this epoch (%d in phase), %s", iters, self.trainer.steps,
                  ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "skipped"))
         if skipped:
