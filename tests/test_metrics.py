@@ -35,5 +35,6 @@ def test_forgetting_is_best_earlier_minus_last_averaged_over_old_tasks():
 
 
 def test_mean_std_skips_missing_values():
-    assert mean_std([1.0, None, 3.0]) == (2.0, 1.0, 2)
+    assert mean_std([1.0, None, 3.0]) == pytest.approx((2.0, 2.0 ** 0.5, 2))  # sample std (ddof 1)
+    assert mean_std([4.0]) == (4.0, 0.0, 1)
     assert mean_std([None]) == (None, None, 0)
