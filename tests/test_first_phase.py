@@ -1,11 +1,14 @@
 """Starting from a shared first phase (``cim_first_phase_from``), without PyCIL: the phase-0
-network is loaded instead of trained, a checkpoint of another setting is refused, and the CIM
-learner gives φ the first phase's mask steps on top."""
+network is loaded instead of trained (from a checkpoint in the explicit format, read with
+``weights_only=True``), a checkpoint of another setting is refused, and the CIM learner gives φ the
+first phase's mask steps on top."""
 
 import pytest
 import torch
 
-from cim_plugin.pycil.checkpoint import CheckpointError, rng_states
+from torch import nn
+
+from cim_plugin.pycil.checkpoint import FORMAT, MARK, VERSION, CheckpointError, encode, module_entry, rng_states
 from cim_plugin.pycil.first_phase import FirstPhaseMixin
 
 from fakes import TinyNet
@@ -23,14 +26,19 @@ class Trainer:
     def _init_train(self, train_loader, test_loader, optimizer, scheduler):
         self.trained.append(self._cur_task)
 
+    def cim_net_skeleton(self, name, task, totals):  # a network recipe: its files are read with weights_only=True
+        return TinyNet()
+
 
 class Learner(FirstPhaseMixin, Trainer):
     pass
 
 
 def checkpoint(path, net, task=0, **run):
-    torch.save({"task": task, "run": {**ARGS, **run}, "learner": {"_network": net}, "rng": rng_states(),
-                "digest": "x"}, path)
+    """A checkpoint of ``task`` as checkpoint.py writes it (the parts the first phase reads)."""
+    torch.save({"format": FORMAT, "version": VERSION, "learner_encoding": "explicit", "task": task,
+                "run": encode({**ARGS, **run}), "learner": {"_network": {MARK: "module", **module_entry(net)}},
+                "rng": encode(rng_states()), "digest": "x"}, path)
     return path
 
 
@@ -83,3 +91,21 @@ def test_the_cim_learner_trains_phi_on_top(tmp_path):
     learner._first_phase_setup(ARGS, str(checkpoint(tmp_path / "task_0.pt", TinyNet())))
     learner._init_train(None, None, None, "the phase's scheduler")
     assert calls == ["the phase's scheduler"] and learner.trained == []
+
+
+def test_a_checkpoint_with_a_pickled_network_is_refused(tmp_path):
+    path = tmp_path / "task_0.pt"
+    torch.save({"format": FORMAT, "version": 1, "task": 0, "run": ARGS, "learner": {"_network": TinyNet()},
+                "rng": rng_states()}, path)
+    with pytest.raises(CheckpointError, match="it is in format version 1"):
+        make(path)._init_train(None, None, None, None)
+
+
+def test_a_network_that_does_not_fit_is_refused(tmp_path):
+    class Wider(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 5)
+
+    with pytest.raises(CheckpointError, match="does not fit this run's"):
+        make(checkpoint(tmp_path / "task_0.pt", Wider()))._init_train(None, None, None, None)

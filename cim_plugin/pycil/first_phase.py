@@ -13,6 +13,11 @@ top: for ``cim_mask: "pau"`` the PAU coefficients φ get the mask steps the phas
 step size from the learner's own lr schedule, θ frozen). Not reproduced: the artefact augmentation
 of phase-0 training images (it would change θ, which is shared on purpose).
 
+The file is read as the run's own checkpoints are (checkpoint.py, format version 2): with
+``torch.load(..., weights_only=True)`` for a learner with a network recipe (iCaRL, DER, FOSTER,
+LUCIR); only the saved ``state_dict`` of ``_network`` (loaded with ``strict=True`` into the network
+the learner built for phase 0) and the RNG states are used.
+
 ``cim_later_seed`` reseeds the generators before the second phase: runs that share a first phase
 and differ only in this seed give the spread of the later phases that is chance alone.
 """
@@ -22,10 +27,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from ..seeding import seed_everything
-from .checkpoint import CheckpointError, map_location, set_rng_states
+from . import net_skeleton
+from .checkpoint import CheckpointError, decode, network_state, read_checkpoint, set_rng_states
+from .nets import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +64,27 @@ class FirstPhaseMixin:
     def _first_phase_load(self, path: Path) -> None:
         if not path.is_file():
             raise CheckpointError(f"key 'cim_first_phase_from': no checkpoint file {path}")
+        # read as this run's own checkpoints are: weights_only=True for a learner with a network recipe
+        explicit = net_skeleton.recipe_for(self) is not None
+        context = f"key 'cim_first_phase_from': cannot read {path} as a cim-plugin checkpoint"
+        payload = read_checkpoint(path, self._device, explicit, context)
         try:
-            payload = torch.load(path, map_location=map_location(self._device), weights_only=False)
-            saved_net = payload["learner"]["_network"]
+            saved_net = network_state(payload, "_network")
+            run = decode(payload.get("run", {}))
+            rng = decode(payload["rng"])
         except Exception as err:
-            raise CheckpointError(f"key 'cim_first_phase_from': cannot read {path} as a cim-plugin checkpoint: {err}") from err
-        problems = [f"key '{k}' was {payload['run'].get(k)!r} there, {v!r} here"
-                    for k, v in self._first_phase_run.items() if k in payload.get("run", {}) and payload["run"][k] != v]
+            raise CheckpointError(f"{context}: {type(err).__name__}: {err}") from err
+        problems = [f"key '{k}' was {run.get(k)!r} there, {v!r} here"
+                    for k, v in self._first_phase_run.items() if k in run and run[k] != v]
         if payload.get("task") != 0:
             problems.append(f"it holds task {payload.get('task')}, not the first phase (task 0)")
         if problems:
             raise CheckpointError(f"key 'cim_first_phase_from': {path} belongs to another setting:\n"
                                   + "\n".join(f"  - {p}" for p in problems))
-        self._network.load_state_dict(saved_net.state_dict(), strict=True)
-        set_rng_states(payload["rng"])
+        try:
+            unwrap(self._network).load_state_dict(saved_net, strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"key 'cim_first_phase_from': the network in {path} does not fit this run's: {err}") from err
+        set_rng_states(rng)
         log.info("cim-plugin: first phase loaded from %s (state sha256 %s): phase-0 training skipped",
                  path, payload.get("digest"))
