@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,8 +36,14 @@ def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit:
     if not pycil:
         raise SystemExit("give --pycil or set PYCIL_ROOT: the checkpoint holds PyCIL's network classes")
     sys.path.insert(0, pycil)
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    net = payload["learner"]["_network"].eval()
+    from utils.factory import get_model  # PyCIL's
+
+    from cim_plugin.pycil import checkpoint as ckpt
+
+    payload = ckpt.read_checkpoint(Path(checkpoint), "cpu", True, f"cannot read checkpoint {checkpoint}")
+    args = {**payload["run"], "device": [torch.device("cpu")]}
+    learner = get_model(args["model_name"], args)  # a fresh learner of the setting: its recipe rebuilds the network
+    net = ckpt.network_from_checkpoint(checkpoint, learner).eval()
     known = net.fc.weight.shape[0] if hasattr(net.fc, "weight") else None
     order = {int(c): i for i, c in enumerate(payload["class_order"])}
     data = load_synthetic(SyntheticSpec(num_classes=len(order), image_size=size, train_per_class=60, test_per_class=20))
