@@ -93,19 +93,25 @@ def test_mask_step_batches_are_clean_new_class_images_plus_the_memory():
     assert data.datasets[0] is plain and isinstance(data.datasets[1], MemoryDataset)
 
 
+def with_plain_meta_set(learner):
+    """The learner's mask steps drawing from 4 plain images of class 1, its CIL loss a no-op."""
+    plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([1, 1, 1, 1]))
+    learner.cim.train_set, learner.cil_loss = plain, lambda *a: None
+    learner.cim.meta_set = lambda: plain
+    return learner
+
+
+class Sched:
+    """A scheduler's face for mask_steps: the CIL optimiser (lr 0.1) and a one-epoch stage."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    T_max = 1
+
+
 def test_phi_adam_has_the_official_weight_decay(monkeypatch):
     from cim_plugin.core import branch_trainer
 
     monkeypatch.setattr(branch_trainer, "mask_step", lambda *a, **k: {})  # only the optimiser is checked
-    learner = make(num_meta_iters_per_cls=1.0)
-    plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([1, 1, 1, 1]))
-    learner.cim.train_set, learner.cil_loss = plain, lambda *a: None
-    learner.cim.meta_set = lambda: plain
-
-    class Sched:
-        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-        T_max = 1
-
+    learner = with_plain_meta_set(make(num_meta_iters_per_cls=1.0))
     learner.cim.mask_steps(Sched())
     assert learner.cim.trainer.optimizer.param_groups[0]["weight_decay"] == 5e-4
     assert CIMConfig.from_args({"phi_weight_decay": 0.0}).phi_weight_decay == 0.0
@@ -141,14 +147,7 @@ def test_a_fractional_mask_step_rate_is_carried_over_epochs_not_rounded_up(monke
     calls = []
     monkeypatch.setattr(branch_trainer, "mask_step", lambda *a: calls.append(1) or {})
     monkeypatch.setattr(hparams, "stage_epochs", lambda learner, scheduler: 8)
-    learner = make(num_meta_iters_per_cls=0.25)
-    plain = TensorDataset(torch.arange(4), torch.rand(4, 3, 8, 8), torch.tensor([1, 1, 1, 1]))
-    learner.cim.train_set, learner.cil_loss = plain, lambda *a: None
-    learner.cim.meta_set = lambda: plain
-
-    class Sched:
-        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-
+    learner = with_plain_meta_set(make(num_meta_iters_per_cls=0.25))
     per_epoch = []
     for _ in range(8):
         before = len(calls)
