@@ -17,3 +17,20 @@ def test_demo_comparison_names_the_gain_and_the_shared_first_phase(tmp_path):
 def test_demo_config_is_the_shipped_cim_file():
     path = demo.demo_config("icarl")
     assert path.name == "icarl_cim_demo.json" and path.is_file()
+
+
+def test_each_off_demo_config_trains_as_its_cim_twin():
+    """``exps/<learner>_off_demo.json`` (plugin off, for PyCIL's own main.py) must differ from the
+    demo's ``<learner>_cim_demo.json`` only in plugin keys and the prefix, or an on/off comparison
+    made with the pair compares two settings."""
+    import json
+
+    from cim_plugin.config import PLUGIN_KEYS
+
+    exps = demo.demo_config("icarl").parent
+    for cim in sorted(exps.glob("*_cim_demo.json")):
+        off = cim.with_name(cim.name.replace("_cim_demo", "_off_demo"))
+        a, b = json.loads(cim.read_text()), json.loads(off.read_text())
+        differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in PLUGIN_KEYS and k != "prefix")
+        assert differ == [], f"{off.name} vs {cim.name}"
+        assert b.get("cim", False) is False
