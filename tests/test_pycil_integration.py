@@ -79,8 +79,10 @@ def test_pau_branch_trains_by_bilevel_steps_inside_pycil(run, learner):
     _, off = run(learner, "off")
     proc, pau = run(learner, "pau")
     assert pau["cim_mask"] == "pau" and len(pau["phases"]) == 2
-    # num_meta_iters = new classes x 0.5: 5 classes -> 2 (3 -> 2) steps after each CIL epoch
-    assert proc.stdout.count("CIM mask steps: 2 this epoch") >= 2
+    # num_meta_iters = new classes x 0.5 per epoch, fractions carried over the phase's epochs:
+    # phase 0, 5 classes -> 2.5 -> 2 steps after its one epoch; phase 1, 3 classes -> 1.5 -> 1 step
+    assert proc.stdout.count("CIM mask steps: 2 this epoch (2 in phase)") >= 1
+    assert proc.stdout.count("CIM mask steps: 1 this epoch (1 in phase)") >= 1
     for phase_off, phase_pau in zip(off["phases"], pau["phases"]):
         assert phase_pau["memory"]["bytes_used"] <= phase_pau["memory"]["budget_bytes"] == phase_off["memory"]["budget_bytes"]
         assert phase_pau["memory"]["mean_exemplars_per_class"] > phase_off["memory"]["mean_exemplars_per_class"]
