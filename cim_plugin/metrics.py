@@ -57,7 +57,7 @@ def forgetting(matrix: Sequence[Sequence[float | None]]) -> float | None:
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
     """Mean and sample standard deviation (ddof 1: the spread a reader compares differences
-    against; ddof 0 understates it by a third at 3 seeds) of the values that are not None, and their
+    against; ddof 0 understates it by a factor sqrt(2/3), about a fifth, at 3 seeds) of the values that are not None, and their
     count. One value has std 0.0."""
     vals = [float(v) for v in values if v is not None]
     if not vals:

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def _whole(x: float) -> int:
+    """``floor(x)``, forgiving float round-off just below a whole number (0.1 × 5 × 2 = 0.999...)."""
+    return int(x + 1e-9)
+
+
 class BranchTrainer:
     def __init__(self, settings: BilevelSettings, phi_lr: float, phi_weight_decay: float, train_old: bool):
         self.settings = settings
@@ -62,9 +67,15 @@ class BranchTrainer:
         the fractions add up over the phase's epochs (0.25: one step after every 4th epoch; 2.5:
         2, 3, 2, 3, ...), so a rate below one step per epoch is not rounded up to one."""
         due = self._carry + max(0.0, float(per_epoch))
-        steps = int(due + 1e-9)
+        steps = _whole(due)
         self._carry = max(0.0, due - steps)
         return steps
+
+    @staticmethod
+    def stage_steps(per_epoch: float, epochs: int) -> int:
+        """The steps ``steps_due`` gives over a stage of ``epochs`` epochs (at least 1: the length
+        of φ's cosine schedule)."""
+        return max(1, _whole(max(0.0, float(per_epoch)) * epochs))
 
     def sync(self, backbones: Sequence[nn.Module], device: torch.device | str) -> PAUBranch:
         """The branch over ``backbones``: grown by PAUs for new ones, rebound when they changed

@@ -215,8 +215,7 @@ def _decode_array(entry: dict) -> np.ndarray:
     items = entry["items"]
     if dtype.kind == "O":
         a = np.empty(len(items), dtype=object)
-        for i, v in enumerate(items):
-            a[i] = v
+        a[:] = items
         return a.reshape(shape)
     return np.array(items, dtype=dtype).reshape(shape)
 
@@ -331,11 +330,19 @@ def _is_entry(value: Any, mark: str) -> bool:
     return type(value) in (dict, OrderedDict) and value.get(MARK) == mark
 
 
-def network_state(payload: dict, name: str = "_network") -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of the learner's network ``name`` in a loaded payload (either encoding)."""
+def _saved_network(payload: dict, name: str) -> tuple[str, Any]:
+    """(owner name, saved value) of the learner's network ``name``: a reference resolved to the
+    attribute that owns the module."""
     saved = payload["learner"][name]
     if _is_entry(saved, "alias"):
-        saved = payload["learner"][saved["of"]]
+        name = saved["of"]
+        saved = payload["learner"][name]
+    return name, saved
+
+
+def network_state(payload: dict, name: str = "_network") -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of the learner's network ``name`` in a loaded payload (either encoding)."""
+    _, saved = _saved_network(payload, name)
     if _is_entry(saved, "module"):
         return saved["state_dict"]
     if isinstance(saved, nn.Module):  # the pickled fallback
@@ -462,9 +469,7 @@ def network_from_checkpoint(path: str | Path, learner: Any, name: str = "_networ
     """The network ``name`` of a checkpoint file (format 2), rebuilt by ``learner``'s recipe (a learner
     of the same setting, e.g. freshly made by PyCIL's factory) and loaded; for tools outside a run."""
     payload = read_checkpoint(Path(path), device, True, f"cannot read checkpoint {path}")
-    saved = payload["learner"][name]
-    if _is_entry(saved, "alias"):
-        name, saved = saved["of"], payload["learner"][saved["of"]]
+    name, saved = _saved_network(payload, name)
     totals = [int(t) for t in payload["class_totals"]]
     return _load_into(rebuild(learner, name, payload["task"], totals, saved), saved, f"learner attribute '{name}'")
 

@@ -115,23 +115,26 @@ RECIPES: dict[str, Callable[[Any, str, int, Sequence[int]], nn.Module]] = {
 }
 
 
+def _recipe_class(learner: Any) -> str | None:
+    """The first class name of ``learner``'s MRO that has a recipe in ``RECIPES``."""
+    return next((cls.__name__ for cls in type(learner).__mro__ if cls.__name__ in RECIPES), None)
+
+
 def recipe_for(learner: Any) -> Recipe | None:
     """The recipe that rebuilds ``learner``'s networks: its own ``cim_net_skeleton`` method, else
     the one of the first class of its MRO in ``RECIPES``; None for a learner without one."""
     own = getattr(learner, "cim_net_skeleton", None)
     if callable(own):
         return own
-    for cls in type(learner).__mro__:
-        if cls.__name__ in RECIPES:
-            return functools.partial(RECIPES[cls.__name__], learner)
-    return None
+    name = _recipe_class(learner)
+    return None if name is None else functools.partial(RECIPES[name], learner)
 
 
 def recipe_name(learner: Any) -> str | None:
     """Which recipe ``recipe_for`` picks (for log lines and errors)."""
     if callable(getattr(learner, "cim_net_skeleton", None)):
         return f"{type(learner).__name__}.cim_net_skeleton"
-    return next((cls.__name__ for cls in type(learner).__mro__ if cls.__name__ in RECIPES), None)
+    return _recipe_class(learner)
 
 
 # ---------------------------------------------------------------------------- structure and flags

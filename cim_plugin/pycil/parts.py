@@ -206,7 +206,7 @@ class CIMParts:
         iters = self.trainer.steps_due(per_epoch)
         if iters == 0:
             return
-        stage_steps = max(1, int(per_epoch * hparams.stage_epochs(lrn, scheduler) + 1e-9))
+        stage_steps = self.trainer.stage_steps(per_epoch, hparams.stage_epochs(lrn, scheduler))
         lr = scheduler.optimizer.param_groups[0]["lr"] if scheduler is not None else 0.0
         net = unwrap(lrn._network)
         theta = [n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
