@@ -34,12 +34,6 @@ from cim_plugin.core.codec import downsample_factor
 from cim_plugin.core.memory import make_memory
 
 
-def top1(net, images: np.ndarray, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = torch.cat([net(first_phase_model.normalise(images[s: s + 64]))["logits"] for s in range(0, len(images), 64)])
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
-
-
 def moved(boxes: np.ndarray, size: int, s: int, rng: np.random.Generator) -> np.ndarray:
     """Each box at a random grid-aligned position of the image, its size kept."""
     h, w = boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]
@@ -63,7 +57,7 @@ def main(argv=None) -> None:
         last = net.convnet(first_phase_model.normalise(images))["fmaps"][-1]
         cams, degenerate = normalize_cams(class_activation_maps(last, net.fc.weight, labels))
     print(f"{n} test images of the first phase's {int(labels.max()) + 1} classes, {size} px; top-1 of the "
-          f"first-phase model, clean: {top1(net, images, labels):.1f}")
+          f"first-phase model, clean: {first_phase_model.top1(net, images, labels):.1f}")
     print("| ratio | memory | top-1 | capacity (× full) | mean box area |\n|---|---|---|---|---|")
     for ratio in args.ratios:
         s = downsample_factor(ratio)
@@ -79,7 +73,7 @@ def main(argv=None) -> None:
             mem = make_memory(images.shape[1:], ratio, "raw", 50)
             area = float(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).mean()) / size ** 2
             capacity = 1.0 / float(mem.costs_of(boxes, images).mean())
-            print(f"| {ratio:g} | {name} | {top1(net, mem.reconstruct(images, boxes), labels):.1f} | {capacity:.2f} | {area:.2f} |")
+            print(f"| {ratio:g} | {name} | {first_phase_model.top1(net, mem.reconstruct(images, boxes), labels):.1f} | {capacity:.2f} | {area:.2f} |")
 
 
 if __name__ == "__main__":

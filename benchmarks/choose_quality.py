@@ -27,12 +27,6 @@ from cim_plugin.core.codec import downsample_factor
 from cim_plugin.core.memory import make_memory
 
 
-def top1(net, images: np.ndarray, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = torch.cat([net(first_phase_model.normalise(images[s : s + 64]))["logits"] for s in range(0, len(images), 64)])
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
-
-
 def stored(images: np.ndarray, boxes: np.ndarray, ratio: float, codec: str, quality: int) -> tuple[np.ndarray, float]:
     """What the memory gives back, and the capacity multiple (full bytes / mean bytes per exemplar)."""
     mem = make_memory(images.shape[1:], ratio, codec, quality)
@@ -58,15 +52,15 @@ def main(argv=None) -> None:
     cim_boxes = cam_to_boxes(cams, (size, size), args.tau, downsample_factor(args.ratio), degenerate)[0].numpy()
     full = np.tile(np.array([[0, size, 0, size]]), (len(images), 1))
     print(f"{len(images)} training images of the first phase's {int(labels.max()) + 1} classes, {size} px; "
-          f"top-1 of the first-phase model: clean {top1(net, images, labels):.1f}")
+          f"top-1 of the first-phase model: clean {first_phase_model.top1(net, images, labels):.1f}")
     for name, boxes in (("mrdc (whole image)", full), (f"cim (CAM boxes, tau {args.tau:g})", cim_boxes)):
         raw, raw_cap = stored(images, boxes, args.ratio, "raw", 50)
-        base = top1(net, raw, labels)
+        base = first_phase_model.top1(net, raw, labels)
         print(f"\n{name}: raw pixels {base:.1f} top-1 at {raw_cap:.2f}x capacity")
         chosen = None
         for q in sorted(args.qualities):
             dec, cap = stored(images, boxes, args.ratio, "jpeg", q)
-            acc = top1(net, dec, labels)
+            acc = first_phase_model.top1(net, dec, labels)
             ok = base - acc <= args.tolerance
             chosen = q if ok and chosen is None else chosen
             print(f"  jpeg q{q:<3d} top-1 {acc:5.1f} ({acc - base:+5.1f}), capacity {cap:7.2f}x{'  <- within tolerance' if ok else ''}")

@@ -50,3 +50,10 @@ def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit:
     x, y, b = (data.train_x, data.train_y, data.train_boxes) if split == "train" else (data.test_x, data.test_y, data.test_boxes)
     keep = [i for i, v in enumerate(y) if known is None or order[int(v)] < known][:limit]
     return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep])
+
+
+def top1(net: torch.nn.Module, images: np.ndarray, labels: torch.Tensor, batch: int = 64) -> float:
+    """Top-1 (%) of ``net`` on uint8 ``images``, normalised as PyCIL's synthetic set, in batches."""
+    with torch.no_grad():
+        logits = torch.cat([net(normalise(images[s: s + batch]))["logits"] for s in range(0, len(images), batch)])
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
