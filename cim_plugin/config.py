@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 
 # BILEVEL_MODES and MASK_SOURCES: the core's vocabularies, also importable from here
 from .core.choices import BILEVEL_MODES, MASK_SOURCES, PIXEL_CODECS, SQUARE_RATIOS, STORAGE_VIEWS, downsample_factor
-from .data.synthetic import SyntheticSpec
+from .data.synthetic import COLOUR_MODES, SyntheticSpec
 
 #: Learners the plugin can extend.
 SUPPORTED_LEARNERS = ("icarl", "der", "foster", "lucir")
@@ -283,6 +283,11 @@ class DataKeys:
     synthetic_test_per_class: int = key(
         SyntheticSpec.test_per_class, int_in(1), "test images per class of the synthetic set")
     synthetic_seed: int = key(SyntheticSpec.seed, int_in(0), "seed the synthetic set is generated from")
+    synthetic_colour: str = key(
+        SyntheticSpec.colour, one_of(*COLOUR_MODES),
+        '`"class"`: a class is a shape × texture × colour triple; `"random"`: a shape × texture pair '
+        "painted in a colour drawn per image (32 classes at most), so that only the object's shape and "
+        "fine texture tell classes apart and a whole-image downsampling loses them")
 
 
 #: Every plugin key's field (name, type, default, ``metadata``: check, doc, shown), in table order.

@@ -358,3 +358,47 @@ def test_cam_of_a_tiny_cnn_finds_the_object():
     assert train_acc > 0.8, train_acc
     assert test_acc > 0.5, test_acc
     assert hit_rate > max(0.3, 2 * box_area), (hit_rate, box_area)
+
+
+# ------------------------------------------------------------------------------------------------
+# Colour mode "random": the class is a (shape, texture) pair, the colour is drawn per image
+
+RANDOM = SyntheticSpec(num_classes=4, image_size=64, train_per_class=12, test_per_class=2,
+                       colour="random")
+
+
+def test_random_colour_classes_are_shape_texture_pairs():
+    pairs = [class_attributes(k, "random") for k in range(max_classes("random"))]
+    assert max_classes("random") == len(SHAPES) * len(TEXTURES)
+    assert len(set(pairs)) == max_classes("random") and all(c is None for *_, c in pairs)
+    # The first four classes differ in shape and in texture.
+    assert len({p[0] for p in pairs[:4]}) == 4 and len({p[1] for p in pairs[:4]}) == 4
+    assert class_name(1, "random") == "striped-square"
+    with pytest.raises(ValueError, match="32"):
+        SyntheticSpec(num_classes=33, colour="random").validate()
+    with pytest.raises(ValueError, match="colour='grey'"):
+        SyntheticSpec(colour="grey").validate()
+
+
+def test_random_colour_paints_each_class_in_several_colours():
+    d = generate(RANDOM)
+    assert d.class_names == [class_name(k, "random") for k in range(4)]
+    for k in range(4):
+        seen = set()
+        for img, (y0, y1, x0, x1) in zip(d.train_x[d.train_y == k], d.train_boxes[d.train_y == k]):
+            shares = [_class_colour_fraction(img[y0:y1, x0:x1], np.array(rgb, dtype=np.float64))
+                      for rgb in COLOURS.values()]
+            seen.add(int(np.argmax(shares)))
+        assert len(seen) >= 3, (k, seen)  # 12 images: one colour would mean a colour-coded class
+
+
+def test_random_colour_mode_has_its_own_cache_key_and_leaves_class_mode_alone():
+    assert RANDOM.cache_key() != SyntheticSpec(**{**RANDOM.__dict__, "colour": "class"}).cache_key()
+    assert "random" in RANDOM.cache_key() and "random" not in SMALL.cache_key()
+    # Same streams, the colour drawn after the object's geometry: each class's first image has
+    # the class mode's box (later ones shift by that one draw). The class mode's own pixels are
+    # pinned by test_generate_golden_digest.
+    plain = generate(SyntheticSpec(**{**RANDOM.__dict__, "colour": "class"}))
+    rand = generate(RANDOM)
+    np.testing.assert_array_equal(plain.train_boxes[::12], rand.train_boxes[::12])
+    assert not np.array_equal(plain.train_boxes, rand.train_boxes)

@@ -7,6 +7,13 @@ than any object. The class identity lives only in the object, so a classifier's 
 map has to localise it, and a tight box around the object covers a small part of the image: the
 setting in which CIM's exemplar compression pays off.
 
+Two class tables (``SyntheticSpec.colour``): ``"class"`` (the default) makes the colour part of the
+class; ``"random"`` makes the class a (shape, texture) pair and paints every object in a palette
+colour drawn per image. Under ``"random"`` nothing coarse identifies a class — its shape and its
+fine texture (stripes, checks, dots a few pixels wide) do — so an image downsampled as a whole loses
+its class, and only a box around the object keeps it: the setting in which *where* the box goes
+matters, not just how many exemplars the budget buys.
+
 Everything is generated locally from the spec. Determinism: every random draw comes from a
 ``numpy.random.Generator`` (PCG64) seeded from ``(seed, split, class)``, and rendering uses only
 correctly rounded IEEE operations (``+ - * /``, comparisons, ``floor``, ``mod``; no BLAS, no
@@ -69,28 +76,40 @@ DISTRACTOR_MAX_EXTENT = 0.08
 #: Small enough that a square never becomes a diamond.
 _HALF_ANGLE_TAN = 0.13
 _SPLIT_IDS = {"train": 0, "test": 1}
+#: ``SyntheticSpec.colour`` values: the colour is part of the class, or drawn per image.
+COLOUR_MODES: tuple[str, ...] = ("class", "random")
 
 
 # ----------------------------------------------------------------------------------------------
 # Class enumeration
 
 
-def max_classes() -> int:
-    """Number of distinct (shape, texture, colour) classes."""
-    return len(SHAPES) * len(TEXTURES) * len(_COLOUR_NAMES)
+def max_classes(colour: str = "class") -> int:
+    """Number of distinct classes: (shape, texture, colour) triples, or (shape, texture) pairs when
+    ``colour`` is ``"random"``."""
+    _check_colour(colour)
+    return len(SHAPES) * len(TEXTURES) * (len(_COLOUR_NAMES) if colour == "class" else 1)
 
 
-@functools.lru_cache(maxsize=1)
-def _class_table() -> np.ndarray:
-    """``[max_classes(), 3]`` (shape, texture, colour) indices in class order.
+def _check_colour(colour: str) -> None:
+    if colour not in COLOUR_MODES:
+        raise ValueError(f"colour={colour!r} is not one of {', '.join(map(repr, COLOUR_MODES))}")
+
+
+@functools.lru_cache(maxsize=len(COLOUR_MODES))
+def _class_table(colour: str = "class") -> np.ndarray:
+    """``[max_classes(colour), 3]`` (shape, texture, colour) indices in class order; the colour
+    index is -1 (drawn per image) when ``colour`` is ``"random"``.
 
     Greedy max-min ordering over all combinations: each next class maximises its smallest number
     of differing attributes to the classes before it (ties: largest total difference, then the
-    lowest combination index). The first four classes differ in all three attributes and any
-    prefix is as spread out as the greedy order allows, so a 4–10 class subset is learnable.
+    lowest combination index). The first classes differ in every attribute and any prefix is as
+    spread out as the greedy order allows, so a 4–10 class subset is learnable.
     Integer arithmetic only: identical everywhere.
     """
-    ns, nt, nc = len(SHAPES), len(TEXTURES), len(_COLOUR_NAMES)
+    _check_colour(colour)
+    ns, nt = len(SHAPES), len(TEXTURES)
+    nc = len(_COLOUR_NAMES) if colour == "class" else 1
     combos = np.stack(np.meshgrid(np.arange(ns), np.arange(nt), np.arange(nc), indexing="ij"),
                       axis=-1).reshape(-1, 3)
     n = len(combos)
@@ -107,21 +126,25 @@ def _class_table() -> np.ndarray:
         d = (combos != combos[k]).sum(axis=1)
         min_d = np.minimum(min_d, d)
         sum_d += d
-    return combos[np.array(order)]
+    table = combos[np.array(order)]
+    if colour == "random":
+        table[:, 2] = -1
+    return table
 
 
-def class_attributes(k: int) -> tuple[str, str, str]:
-    """``(shape, texture, colour)`` names of class ``k`` (fixed for every spec)."""
-    if not 0 <= k < max_classes():
-        raise ValueError(f"class index {k} out of range [0, {max_classes()})")
-    s, t, c = _class_table()[k]
-    return SHAPES[s], TEXTURES[t], _COLOUR_NAMES[c]
+def class_attributes(k: int, colour: str = "class") -> tuple[str, str, str | None]:
+    """``(shape, texture, colour)`` names of class ``k`` (fixed for every spec); the colour is
+    None when ``colour`` is ``"random"`` (each image draws its own)."""
+    if not 0 <= k < max_classes(colour):
+        raise ValueError(f"class index {k} out of range [0, {max_classes(colour)})")
+    s, t, c = _class_table(colour)[k]
+    return SHAPES[s], TEXTURES[t], (_COLOUR_NAMES[c] if c >= 0 else None)
 
 
-def class_name(k: int) -> str:
-    """E.g. ``"red-striped-disc"``."""
-    shape, texture, colour = class_attributes(k)
-    return f"{colour}-{texture}-{shape}"
+def class_name(k: int, colour: str = "class") -> str:
+    """E.g. ``"red-striped-disc"``, or ``"striped-disc"`` when ``colour`` is ``"random"``."""
+    shape, texture, name = class_attributes(k, colour)
+    return f"{texture}-{shape}" if name is None else f"{name}-{texture}-{shape}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,12 +168,17 @@ class SyntheticSpec:
     train_per_class: int = 60
     test_per_class: int = 20
     seed: int = 0
+    #: ``"class"``: the colour is part of the class; ``"random"``: drawn per image (see the module).
+    colour: str = "class"
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field, its value and the allowed range."""
-        _check_int("num_classes", self.num_classes, 1, max_classes(),
-                   f" (the maximum is {max_classes()} = {len(SHAPES)} shapes x "
-                   f"{len(TEXTURES)} textures x {len(_COLOUR_NAMES)} colours)")
+        _check_colour(self.colour)
+        colours = (f" x {len(_COLOUR_NAMES)} colours" if self.colour == "class"
+                   else ", colours drawn per image")
+        _check_int("num_classes", self.num_classes, 1, max_classes(self.colour),
+                   f" (the maximum is {max_classes(self.colour)} = {len(SHAPES)} shapes x "
+                   f"{len(TEXTURES)} textures{colours})")
         _check_int("image_size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
         _check_int("train_per_class", self.train_per_class, 1, MAX_PER_CLASS)
         _check_int("test_per_class", self.test_per_class, 1, MAX_PER_CLASS)
@@ -159,7 +187,8 @@ class SyntheticSpec:
     def cache_key(self) -> str:
         """Stable file-name-safe key; includes :data:`FORMAT_VERSION`."""
         self.validate()
-        return (f"synthetic-v{FORMAT_VERSION}-c{int(self.num_classes)}-px{int(self.image_size)}"
+        mode = "" if self.colour == "class" else f"-{self.colour}colour"
+        return (f"synthetic-v{FORMAT_VERSION}{mode}-c{int(self.num_classes)}-px{int(self.image_size)}"
                 f"-tr{int(self.train_per_class)}-te{int(self.test_per_class)}"
                 f"-seed{int(self.seed)}")
 
@@ -329,6 +358,8 @@ def _draw_object(rng: np.random.Generator, img: np.ndarray, attrs: np.ndarray) -
     u = cos * gx + sin * gy
     v = cos * gy - sin * gx
     shape, texture, colour = (int(a) for a in attrs)
+    if colour < 0:  # drawn per image (colour mode "random"): after the other draws, so that the
+        colour = int(rng.integers(len(_COLOUR_RGB)))  # "class" mode's streams are unchanged
     mask = _shape_mask(SHAPES[shape], u, v)
     rgb = _COLOUR_RGB[colour] * jitter
     on = _texture_on(TEXTURES[texture], u, v)
@@ -340,7 +371,7 @@ def _draw_object(rng: np.random.Generator, img: np.ndarray, attrs: np.ndarray) -
 
 def _render_split(spec: SyntheticSpec, split: str, per_class: int):
     size = int(spec.image_size)
-    table = _class_table()
+    table = _class_table(spec.colour)
     n = int(spec.num_classes) * per_class
     xs = np.empty((n, size, size, 3), dtype=np.uint8)
     ys = np.repeat(np.arange(int(spec.num_classes), dtype=np.int64), per_class)
@@ -364,7 +395,7 @@ def generate(spec: SyntheticSpec) -> SyntheticData:
     train_x, train_y, train_boxes = _render_split(spec, "train", int(spec.train_per_class))
     test_x, test_y, test_boxes = _render_split(spec, "test", int(spec.test_per_class))
     return SyntheticData(train_x, train_y, test_x, test_y, train_boxes, test_boxes,
-                         [class_name(k) for k in range(int(spec.num_classes))])
+                         [class_name(k, spec.colour) for k in range(int(spec.num_classes))])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +439,7 @@ def _read_cache(path: pathlib.Path, spec: SyntheticSpec) -> SyntheticData:
         if arrays[key].shape != shape or arrays[key].dtype != dtype:
             raise ValueError(f"{key}: {arrays[key].dtype}{list(arrays[key].shape)}, "
                              f"expected {dtype}{list(shape)}")
-    expected_names = [class_name(k) for k in range(int(spec.num_classes))]
+    expected_names = [class_name(k, spec.colour) for k in range(int(spec.num_classes))]
     if names != expected_names:
         raise ValueError("class_names do not match the spec")
     return SyntheticData(class_names=names, **arrays)

@@ -471,6 +471,7 @@ def synthetic_spec(args: dict):
         "train_per_class": "synthetic_train_per_class",
         "test_per_class": "synthetic_test_per_class",
         "seed": "synthetic_seed",
+        "colour": "synthetic_colour",
     }
     return SyntheticSpec(**{f: args[k] for f, k in fields.items() if k in args})
 
