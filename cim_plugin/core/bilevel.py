@@ -131,18 +131,28 @@ def mask_step(
     phi: Sequence[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     settings: BilevelSettings,
+    reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> dict:
-    """One φ update (nothing else changes: θ, ω and BN statistics are left as they were)."""
+    """One φ update (nothing else changes: θ, ω and BN statistics are left as they were).
+
+    ``reduce_grads`` (several processes): replaces φ's gradients, in place, by their mean over the
+    processes before the finiteness check and the clipping, so every process takes the same step
+    (a non-finite loss anywhere gives NaN gradients everywhere: the step is skipped by all)."""
     if settings.mode == "none":
         return {}
     phi = [p for p in phi if p.requires_grad]
     total, parts = outer_loss(net, theta_names, branch_fn, cil_loss, inner, outer, inner_lr, settings)
-    grads = torch.autograd.grad(total, phi, allow_unused=True) if torch.isfinite(total) else None
-    if grads is None or not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+    finite = bool(torch.isfinite(total))
+    raw = torch.autograd.grad(total, phi, allow_unused=True) if finite else [None] * len(phi)
+    grads = [torch.full_like(p, float("nan")) if not finite else torch.zeros_like(p) if g is None else g.detach()
+             for p, g in zip(phi, raw)]
+    if reduce_grads is not None:
+        reduce_grads(grads)
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
         parts.update(skipped=1, total=float(total.detach()))
         return parts  # φ unchanged: a non-finite step would poison φ and Adam's moments
     for p, g in zip(phi, grads):
-        p.grad = torch.zeros_like(p) if g is None else g.detach()
+        p.grad = g
     parts["phi_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(phi, settings.max_phi_grad_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,8 @@ Life cycle: ``begin_phase`` at the start of every incremental phase (a new stage
 schedule and batches are made at the first step); ``sync`` before every use (the backbones of DER
 and FOSTER change between phases, FOSTER's student takes index 0); ``state_dict`` /
 ``load_state_dict`` carry φ in checkpoints (written at the end of a phase). The optimiser's state
-is not carried: it is made anew at the first step of every phase.
+is not carried: it is made anew at the first step of every phase. With several processes
+(``reduce_grads``), φ's gradients are averaged over them before each step.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def _whole(x: float) -> int:
 
 
 class BranchTrainer:
-    def __init__(self, settings: BilevelSettings, phi_lr: float, phi_weight_decay: float, train_old: bool):
+    def __init__(self, settings: BilevelSettings, phi_lr: float, phi_weight_decay: float, train_old: bool,
+                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None):
         self.settings = settings
+        self.reduce_grads = reduce_grads  # several processes: φ's gradients averaged over them (mask_step)
         self.phi_lr = float(phi_lr)
         self.phi_weight_decay = float(phi_weight_decay)
         self.train_old = bool(train_old)
@@ -118,7 +121,8 @@ class BranchTrainer:
         stage, parts, skipped = self._stage, {}, 0
         for _ in range(iters):
             inner, outer = next(stage["batches"]), next(stage["batches"])
-            parts = mask_step(net, theta, branch_fn, cil_loss, inner, outer, inner_lr, phi, stage["optimizer"], self.settings)
+            parts = mask_step(net, theta, branch_fn, cil_loss, inner, outer, inner_lr, phi, stage["optimizer"], self.settings,
+                              self.reduce_grads)
             stage["scheduler"].step()
             stage["steps"] += 1
             skipped += parts.get("skipped", 0)

@@ -52,6 +52,9 @@ file is trained as usual, starting from the RNG states of the previous phase's f
 killed in the middle of a phase and resumed ends with the accuracies of an uninterrupted run
 (CPU, ``num_workers`` 0), and its checkpoints with the same ``state_digest``. Once a phase was
 trained, no later phase is restored (stale files of an older run are overwritten).
+
+Under torchrun only rank 0 writes; on resuming, rank 0 says which files exist and every rank reads
+them (the log folder must be one every machine sees).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .. import distributed
 from ..atomic import atomic_open
 from ..config import LUCIR_KEYS, MODULE_HPARAM_KEYS, PLUGIN_KEYS, PYCIL_KEYS
 from ..seeding import isolated_rng, rng_states, set_rng_states  # noqa: F401 (also imported from here)
@@ -488,7 +492,7 @@ class CheckpointMixin:
                         "keep the pickled layout (networks saved as whole modules) and are read with "
                         "torch.load(weights_only=False), which runs code from the file: resume only from your own runs",
                         type(self).__name__)
-        if resume and self._ckpt_dir.is_dir():
+        if resume and self._ckpt_dir.is_dir() and distributed.is_main():
             for stale in self._ckpt_dir.glob(".task_*.pt.*.tmp"):  # left by a run killed while saving
                 stale.unlink(missing_ok=True)
 
@@ -499,7 +503,7 @@ class CheckpointMixin:
     def incremental_train(self, data_manager):
         task = self._cur_task + 1
         path = self._ckpt_path(task)
-        if self._ckpt_resuming and path.exists():
+        if self._ckpt_resuming and self._ckpt_exists(path):
             self._ckpt_restore(path, task, data_manager)
             return None
         self._ckpt_resuming = False
@@ -507,6 +511,16 @@ class CheckpointMixin:
         if self._ckpt_enabled:
             self._ckpt_save(path, data_manager)
         return out
+
+    @staticmethod
+    def _ckpt_exists(path: Path) -> bool:
+        """Whether ``path`` is there; under torchrun rank 0 decides, and every rank must see it."""
+        there = distributed.broadcast_object(path.exists())
+        if there and not path.exists():
+            raise CheckpointError(f"cannot resume from checkpoint {path}: rank {distributed.rank()} does not see it (rank 0 "
+                                  f"does); under torchrun on several machines the log folder must be on a file system "
+                                  f"every machine sees")
+        return there
 
     # -- saving --------------------------------------------------------------------------------
     def _ckpt_learner_state(self) -> tuple[dict, list[str]]:
@@ -575,6 +589,8 @@ class CheckpointMixin:
         }
 
     def _ckpt_save(self, path: Path, data_manager) -> Path:
+        if not distributed.is_main():  # under torchrun rank 0 writes (every rank holds the same state)
+            return path
         try:
             payload = self._ckpt_payload(data_manager)
         except CheckpointError as err:

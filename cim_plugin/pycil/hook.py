@@ -1,8 +1,9 @@
-"""Entry points PyCIL calls through ``utils/plugin_hook.py`` (added by patches/0006-plugin-hook.patch).
+"""Entry points PyCIL calls through ``utils/plugin_hook.py`` (added by patches/0006-plugin-hook.patch)
+and ``utils/ddp_hook.py`` (``before_logging``, ``train_parallel``: patches/0008-distributed.patch).
 
-trainer._train:  before_run(args) -> DataManager(...) [-> get_idata(name)] -> factory.get_model(...)
-                 [-> get_model(name, args) for names PyCIL lacks] -> wrap_learner(model, args)
-                 -> task loop -> after_run(model, args)
+trainer._train:  before_logging(args) -> logging.basicConfig -> before_run(args) -> DataManager(...)
+                 [-> get_idata(name)] -> factory.get_model(...) [-> get_model(name, args) for names
+                 PyCIL lacks] -> wrap_learner(model, args) -> task loop -> after_run(model, args)
 
 With ``"cim": false`` (or absent) the learner is PyCIL's own, composed only with the results
 recorder and the per-phase checkpointer (neither changes training; the checkpointer does nothing
@@ -13,6 +14,9 @@ PyCIL's DataManager receives only the dataset name.
 before_run also seeds python ``random``, numpy and torch with the run's ``seed`` (PyCIL seeds
 torch with a constant 1; key ``cim_seed``, default true) and, with ``"deterministic": true``,
 switches torch to deterministic algorithms (see ``cim_plugin/seeding.py``). Plugin on or off.
+
+Under torchrun (``WORLD_SIZE`` > 1) before_run joins the process group and wrap_learner adds the
+``DistributedMixin`` (``ddp.py``); ``train_parallel`` is FOSTER's seam for its student network.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..config import CIMConfig, ConfigError
 from ..seeding import seed_everything, set_deterministic
 from .data import FOLDER_DATASETS, folder_problems, imagenet_idata, synthetic_idata, synthetic_spec
 from .checkpoint import CheckpointMixin
 from .first_phase import FirstPhaseMixin
 from .checks import folder_class_count, pycil_problems
+from .ddp import DistributedMixin, ddp_problems
+from .ddp import start as start_ddp
 from .hparams import apply_module_hparams
 from .learner import CIMLearnerMixin
 from .results import ResultsMixin
@@ -70,6 +77,7 @@ def check_args(args: dict) -> CIMConfig:
     if isinstance(first, str) and first.strip() and not Path(first).expanduser().is_file():
         problems.append(f"key 'cim_first_phase_from' = {first!r}: no such checkpoint file")
     problems += pycil_problems(args, num_classes, image_size)
+    problems += ddp_problems(args)
     from .checks import output_problems  # the run's output folders (in a run: logfilename is set)
 
     problems += output_problems(args)
@@ -86,6 +94,11 @@ def before_run(args: dict) -> None:
     _RUN.clear()
     _RUN["args"] = args
     _RUN["config"] = cfg
+    if distributed.launched():  # torchrun: the process group, and this rank's device in args["device"]
+        try:
+            start_ddp(args)
+        except distributed.DistributedError as err:
+            raise SystemExit(f"cim-plugin: {err}") from None
     seed_run(args, cfg)
     if cfg.cim_check_images and str(args.get("dataset", "")).lower() not in FOLDER_DATASETS:
         log.info("cim-plugin: cim_check_images: %s is not read from files, nothing to scan", args.get("dataset"))
@@ -135,15 +148,35 @@ def wrap_learner(model: Any, args: dict) -> Any:
     """Compose the plugin's mixins in front of the learner's own class."""
     cfg = _RUN.get("config") or check_args(args)
     apply_module_hparams(args)
-    mixins = (ResultsMixin, CheckpointMixin, FirstPhaseMixin, CIMLearnerMixin) if cfg.cim else (ResultsMixin, CheckpointMixin, FirstPhaseMixin)
+    mixins = (ResultsMixin, CheckpointMixin, FirstPhaseMixin)
+    if distributed.active():
+        mixins += (DistributedMixin,)
+    if cfg.cim:
+        mixins += (CIMLearnerMixin,)
     base = type(model)
-    model.__class__ = type(f"{base.__name__}With{''.join(m.__name__.replace('Mixin', '') for m in mixins)}", (*mixins, base), {})
+    # the name says what the learner is (checkpoints record it), not how many processes run it
+    named = "".join(m.__name__.replace("Mixin", "") for m in mixins if m is not DistributedMixin)
+    model.__class__ = type(f"{base.__name__}With{named}", (*mixins, base), {})
     model._results_setup(args, cfg.cim_storage_size)
     model._ckpt_setup(args, cfg.cim_checkpoint, cfg.cim_resume)
     model._first_phase_setup(args, cfg.cim_first_phase_from, cfg.cim_later_seed)
     if cfg.cim:
         model.cim_setup(cfg)
     return model
+
+
+def before_logging(args: dict) -> None:
+    """Before PyCIL configures logging: under torchrun, ranks other than 0 open no log file."""
+    if distributed.launched():
+        try:
+            distributed.quiet_other_ranks(distributed.env_ranks()[0])
+        except distributed.DistributedError as err:
+            raise SystemExit(f"cim-plugin: {err}") from None
+
+
+def train_parallel(learner: Any, network: Any) -> Any:
+    """The network a training stage made itself (FOSTER's student), in DDP under torchrun."""
+    return learner.ddp_wrap(network) if isinstance(learner, DistributedMixin) else network
 
 
 def after_run(model: Any, args: dict) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import distributed
 from ..config import CIMConfig
 from .data import PluginDataManager
 from .parts import CIMParts
@@ -87,7 +88,8 @@ class CIMLearnerMixin:
         with self.cim.timed("memory"):
             self._class_means = self.cim.build_memory(dm, self._known_classes, self._total_classes, per_class,
                                                       self._fixed_memory)
-        self.cim.gallery.write(f"{run_base(self.args)}_gallery.npz")
+        if distributed.is_main():  # under torchrun rank 0 writes
+            self.cim.gallery.write(f"{run_base(self.args)}_gallery.npz")
 
     # -- once per epoch ------------------------------------------------------------------------
     def _hooked(self, scheduler):

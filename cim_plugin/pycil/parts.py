@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
+from .. import distributed
 from ..config import CIMConfig
 from ..core.augmentation import ArtefactAugmentation
 from ..core.bilevel import BilevelSettings
@@ -87,7 +88,7 @@ class CIMParts:
         self.trainer = BranchTrainer(
             BilevelSettings(factor=cfg.downsample_factor, div_coef=cfg.div_coef, reg_coef=cfg.reg_coef,
                             max_phi_grad_norm=cfg.max_phi_grad_norm, mode=cfg.cim_bilevel),
-            cfg.phi_lr, cfg.phi_weight_decay, cfg.cim_train_old_paus,
+            cfg.phi_lr, cfg.phi_weight_decay, cfg.cim_train_old_paus, reduce_grads=distributed.average_gradients,
         )
         self.augmentation = ArtefactAugmentation(cfg.downsample_factor, cfg.cam_update_interval, cfg.randombbxblur_prob_incre)
         self.diagnostics = StoredDiagnostics()
@@ -184,9 +185,17 @@ class CIMParts:
         return ConcatDataset([new, mem.as_dataset(new.trsf)]) if mem is not None and len(mem) else new
 
     def _meta_batches(self):
+        """Endless mask-step batches; under torchrun each process draws its share of every pass's
+        global shuffle (``meta_batch_size`` per process)."""
         data = self.meta_set()
         size, device = self.cfg.meta_batch_size, self._learner._device
-        loader = DataLoader(data, batch_size=size, shuffle=True, num_workers=0, drop_last=len(data) > size)
+        sampler, share = None, len(data)
+        if distributed.active():
+            sampler = distributed.EpochDistributedSampler(data, num_replicas=distributed.world_size(),
+                                                          rank=distributed.rank(), seed=distributed.shard_seed())
+            share = sampler.num_samples
+        loader = DataLoader(data, batch_size=size, shuffle=sampler is None, sampler=sampler, num_workers=0,
+                            drop_last=share > size)
         while True:
             for _, x, y in loader:
                 yield x.to(device), torch.as_tensor(y, dtype=torch.int64).to(device)
@@ -242,23 +251,29 @@ class CIMParts:
         log.info("CIM: epoch %d, refreshed %d new-class boxes; compressed share now %.2f", epoch, len(boxes), self.augmentation.share)
 
     # -- explicit state ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def memory_state_dict(self) -> dict:
+        """What building the memory changes: the memory, the stored-exemplar diagnostics, the
+        gallery rows and the random mask source's generator (sent from rank 0 under torchrun)."""
         return {
             "memory": None if self.memory is None else self.memory.state_dict(),
-            "phi": self.trainer.state_dict(),
             "diagnostics": self.diagnostics.state_dict(),
             "gallery_rows": dict(self.gallery.rows),
             "source_rng": None if self.source.generator is None else self.source.generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        lrn = self._learner
+    def load_memory_state_dict(self, state: dict) -> None:
         memory = state.get("memory")
         if memory is not None:
             self.use_memory(self._new_memory(tuple(memory["image_shape"])))
             self.memory.load_state_dict(memory)
-        self.trainer.load_state_dict(state.get("phi", {}), backbones(lrn._network))
         self.diagnostics.load_state_dict(state.get("diagnostics", {}))
         self.gallery.rows = dict(state.get("gallery_rows", {}))
         if state.get("source_rng") is not None and self.source.generator is not None:
             self.source.generator.set_state(state["source_rng"])
+
+    def state_dict(self) -> dict:
+        return {**self.memory_state_dict(), "phi": self.trainer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_memory_state_dict(state)
+        self.trainer.load_state_dict(state.get("phi", {}), backbones(self._learner._network))

@@ -6,7 +6,7 @@ budget in bytes; it logs these figures and rewrites ``<PyCIL log name>_results.p
 atomically, so a crashed run keeps the phases it finished there. Only a finished run writes
 ``<PyCIL log name>_results.json`` (atomically, then the partial file is removed) and prints its path
 at the end: a run that fails before finishing (a refused checkpoint, a crash, a kill) never
-replaces the results of an earlier finished run of the same name.
+replaces the results of an earlier finished run of the same name. Under torchrun only rank 0 writes.
 
 Per phase: CNN and NME top-1 (and PyCIL's grouped figures), the per-task accuracies (a row of the
 accuracy matrix, computed from the same predictions PyCIL scores), the memory figures, the elapsed
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..atomic import atomic_open
 from ..metrics import forgetting, per_task_accuracy
 
@@ -254,6 +255,8 @@ class ResultsMixin:
             "stored_box_area": stored.get("mean_box_area"),
             "stored_psnr_db": stored.get("psnr_db"),
         }
+        if not distributed.is_main():  # under torchrun only rank 0 writes
+            return
         if self._results.get("finished") is True:
             write_json_atomic(self._results_file, self._results)
             self._results_partial_file.unlink(missing_ok=True)
@@ -263,6 +266,7 @@ class ResultsMixin:
     def _results_finish(self) -> Path:
         self._results["finished"] = True
         self._results_write()
-        log.info("cim-plugin results: %s", self._results_file)
-        print(f"Results written to {self._results_file}", flush=True)
+        if distributed.is_main():
+            log.info("cim-plugin results: %s", self._results_file)
+            print(f"Results written to {self._results_file}", flush=True)
         return self._results_file
