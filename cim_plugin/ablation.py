@@ -1,7 +1,8 @@
 """The ablation runner: plugin variants × seeds (× learners) at the same memory budget.
 
 Each run is a normal PyCIL run (``main.py`` in the patched checkout) of a config derived from
-the user's JSON: the variant sets ``cim`` / ``cim_mask`` only, the seed sets ``seed`` and
+the user's JSON: the variant sets ``cim`` / ``cim_mask`` / ``cim_codec`` / ``cim_memory`` only (the
+``features`` variant: the adapted feature memory, iCaRL and LUCIR), the seed sets ``seed`` and
 ``prefix`` only, so every run of a learner has the same memory budget and schedule.
 
 Output folder layout::
@@ -40,7 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 from tqdm import tqdm
 
 from .atomic import atomic_open
-from .config import ABLATION_VARIANTS, SUPPORTED_LEARNERS, variant_keys
+from .config import ABLATION_VARIANTS, ALL_VARIANTS, SUPPORTED_LEARNERS, variant_keys
 from .launch import RunError, patched_pycil_root, run_pycil
 from .metrics import mean_std
 
@@ -124,7 +125,8 @@ def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None
         keys = variant_keys(variant)
     except ValueError as err:
         raise AblationError(str(err)) from None
-    config = {k: v for k, v in base.items() if k not in ("config", "logfilename", "cim_first_phase_from")}
+    # the variant decides what the memory keeps (``features`` sets it; the others keep images)
+    config = {k: v for k, v in base.items() if k not in ("config", "logfilename", "cim_first_phase_from", "cim_memory")}
     config["seed"] = [int(seed)]
     config["prefix"] = f"ablation_{variant}"
     config.update(keys if keys is not None else {"cim": False})
@@ -191,7 +193,7 @@ def _learner_rank(learner: str) -> tuple[int, str]:
 def _variant_rank(variant: str) -> tuple[int, int, str]:
     """Table order: the known variants in ``VARIANTS`` order, a codec variant after its mask source."""
     base, _, codec = variant.partition("+")
-    return (VARIANTS.index(base) if base in VARIANTS else len(VARIANTS), 1 if codec else 0, variant)
+    return (ALL_VARIANTS.index(base) if base in ALL_VARIANTS else len(ALL_VARIANTS), 1 if codec else 0, variant)
 
 
 # ------------------------------------------------------------------------------------- running

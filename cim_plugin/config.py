@@ -21,7 +21,9 @@ from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 # BILEVEL_MODES and MASK_SOURCES: the core's vocabularies, also importable from here
-from .core.choices import BILEVEL_MODES, MASK_SOURCES, PIXEL_CODECS, SQUARE_RATIOS, STORAGE_VIEWS, downsample_factor
+from .core.choices import (
+    BILEVEL_MODES, FEATURE_DTYPES, MASK_SOURCES, MEMORY_KINDS, PIXEL_CODECS, SQUARE_RATIOS, STORAGE_VIEWS, downsample_factor,
+)
 from .data.synthetic import COLOUR_MODES, SyntheticSpec
 
 #: Learners the plugin can extend.
@@ -31,8 +33,15 @@ SUPPORTED_LEARNERS = ("icarl", "der", "foster", "lucir")
 #: PAU branch, and the true object box, a diagnostic for datasets that know their objects' boxes).
 ABLATION_VARIANTS = ("off", *MASK_SOURCES, "mrdc")
 #: Variants that are not a mask source by name, and their plugin keys: MRDC (Wang et al., ICLR 2022)
-#: is the whole image as one JPEG (quality from ``cim_codec_quality``, MRDC's 50 by default).
-NAMED_VARIANTS: dict[str, dict] = {"mrdc": {"cim_mask": "full", "cim_codec": "jpeg"}}
+#: is the whole image as one JPEG (quality from ``cim_codec_quality``, MRDC's 50 by default);
+#: ``features`` is the adapted feature memory (Iscen et al., ECCV 2020; iCaRL and LUCIR only, so it
+#: is not among the default variants, ``ABLATION_VARIANTS``).
+NAMED_VARIANTS: dict[str, dict] = {"mrdc": {"cim_mask": "full", "cim_codec": "jpeg"},
+                                   "features": {"cim_memory": "features"}}
+#: Every variant the ablation knows by name, in table order.
+ALL_VARIANTS = (*ABLATION_VARIANTS, "features")
+#: Learners a feature memory (``cim_memory`` "features") works with.
+FEATURE_MEMORY_LEARNERS = ("icarl", "lucir")
 
 
 def variant_keys(variant: str) -> dict | None:
@@ -46,7 +55,7 @@ def variant_keys(variant: str) -> dict | None:
     mask, plus, codec = str(variant).partition("+")
     if mask in MASK_SOURCES and (not plus or codec in PIXEL_CODECS):
         return {"cim": True, "cim_mask": mask, "cim_codec": codec or "raw"}
-    raise ValueError(f"unknown variant {variant!r}: use off, mrdc, a mask source ({', '.join(MASK_SOURCES)}) or "
+    raise ValueError(f"unknown variant {variant!r}: use off, mrdc, features, a mask source ({', '.join(MASK_SOURCES)}) or "
                      f"a mask source + a pixel codec ({', '.join(PIXEL_CODECS)}), e.g. pau+jpeg")
 #: Prefixes that mark a key as the plugin's own (an unknown key with such a prefix is an error).
 PLUGIN_PREFIXES = ("cim_", "synthetic_")
@@ -151,6 +160,42 @@ class CIMConfig:
     """The plugin's settings; every field is a flat key of the PyCIL JSON with the same name."""
 
     cim: bool = key(False, boolean, "turn the plugin on (iCaRL, LUCIR, DER, FOSTER)")
+    cim_memory: str = key(
+        "image", one_of(*MEMORY_KINDS),
+        'what the memory keeps of an exemplar: `"image"` (its pixels: CIM\'s compressed exemplars, or plain ones with '
+        '`"cim_mask": "full"`), `"features"` (its final feature vector, herded, carried to every new model by an '
+        "adaptation MLP and rehearsed at the classifier; Iscen et al., ECCV 2020; iCaRL and LUCIR, needs `\"cim\": true`; "
+        'see *Feature memories*), `"pca"` (not implemented yet: refused). Same byte budget for every kind')
+    cim_feature_dtype: str = key(
+        "float16", one_of(*FEATURE_DTYPES),
+        '`"features"`: how a stored vector is kept (2 or 4 bytes per value); an exemplar costs feature width × that')
+    cim_adapt_epochs: int = key(
+        20, int_in(0),
+        '`"features"`: epochs of the adaptation MLP over the phase\'s training images (their features from the old and '
+        "the new model, computed once); `0` keeps the stored features as they are")
+    cim_adapt_hidden: int = key(1024, int_in(1), '`"features"`: hidden width of the adaptation MLP (x + W₂ ReLU(W₁x))')
+    cim_adapt_lr: float = key(1e-3, number_in(0.0), '`"features"`: Adam lr of the adaptation MLP')
+    cim_adapt_cls_coef: float = key(
+        0.1, number_in(0.0),
+        '`"features"`: weight of the classification loss of the mapped features (through the new classifier, '
+        "read-only) beside the cosine loss (1 − cos); 0.1 chosen by the drift measured in *Feature memories*")
+    cim_classifier_epochs: int = key(
+        0, int_in(0),
+        '`"features"`: after adaptation, epochs of Adam (lr `cim_adapt_lr`) on the classifier alone over the adapted '
+        "stored vectors and the phase's new-class features, which aligns it with the new feature space (Iscen et al.'s "
+        "classifier step; LUCIR's frozen old-class rows stay frozen); `0` (the default: no gain measured, see "
+        "*Feature memories*) skips it")
+    cim_feature_replay_coef: float = key(
+        1.0, number_in(0.0),
+        '`"features"`: weight of the stored features\' classification loss, added to the learner\'s own loss at '
+        "every optimiser step of the later phases")
+    cim_feature_batch_size: int = key(
+        128, int_in(1), '`"features"`: stored features per rehearsal step, and the adaptation MLP\'s batch size')
+    cim_feature_drift: bool = key(
+        True, boolean,
+        '`"features"`: measure per phase how far the stored features drifted (cosine to the new model\'s features of '
+        "the same images, before and after adaptation); reads the stored exemplars' images again, which the memory "
+        "does not keep: a diagnostic, one feature pass")
     cim_mask: str = key(
         "pau", one_of(*MASK_SOURCES),
         'mask source: `"pau"` (CAM of the CIM branch: PAU activations, shared conv/BN), `"cam"` '
@@ -357,6 +402,27 @@ def validate_args(args: Mapping[str, Any]) -> list[str]:
                 f"key 'model_name' = {args.get('model_name')!r}: \"cim\": true works with "
                 + ", ".join(SUPPORTED_LEARNERS)
             )
+    problems += memory_kind_problems(args)
+    return problems
+
+
+def memory_kind_problems(args: Mapping[str, Any]) -> list[str]:
+    """``cim_memory`` other than "image": needs the plugin on, a learner it is built for, and is not "pca" (yet)."""
+    kind = args.get("cim_memory", "image")
+    if kind == "image" or kind not in MEMORY_KINDS:
+        return []
+    problems = []
+    if kind == "pca":
+        problems.append("key 'cim_memory' = 'pca': the attention-weighted PCA feature memory is not implemented yet "
+                        "(core/feature_pca.py is its codec only); use \"image\" or \"features\"")
+    if args.get("cim") is not True:
+        problems.append(f"key 'cim_memory' = {kind!r} needs \"cim\": true (with the plugin off PyCIL keeps its own "
+                        "image exemplars)")
+    name = str(args.get("model_name", "")).lower()
+    if kind == "features" and name in SUPPORTED_LEARNERS and name not in FEATURE_MEMORY_LEARNERS:
+        problems.append(f"key 'cim_memory' = 'features' is not built for model_name {name!r}: it works with "
+                        f"{', '.join(FEATURE_MEMORY_LEARNERS)} (DER and FOSTER grow or distil their networks, so one "
+                        "adaptation MLP per phase does not carry stored features to their next model)")
     return problems
 
 

@@ -126,7 +126,7 @@ def pycil_problems(args: dict, num_classes: int | None, image_size: int | None) 
     convnet = str(args.get("convnet_type", "")).lower()
     if convnet in ("resnet32", "cosine_resnet32") and image_size is not None and image_size != 32:
         problems.append(f"key 'convnet_type' = {convnet!r} works only at 32 px (fixed AvgPool2d(8)); the images are {image_size} px")
-    if args.get("cim") is True and args.get("cim_mask", "pau") == "pau" and convnet in ("resnet32", "cosine_resnet32"):
+    if args.get("cim") is True and args.get("cim_memory", "image") == "image" and args.get("cim_mask", "pau") == "pau" and convnet in ("resnet32", "cosine_resnet32"):
         problems.append(
             f"key 'cim_mask' = 'pau' needs nn.ReLU modules to swap for PAUs; PyCIL's {convnet} uses F.relu: "
             "use a resnet18/34/50 backbone or cim_mask 'cam'"

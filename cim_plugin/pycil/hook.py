@@ -8,7 +8,8 @@ trainer._train:  before_logging(args) -> logging.basicConfig -> before_run(args)
 With ``"cim": false`` (or absent) the learner is PyCIL's own, composed only with the results
 recorder and the per-phase checkpointer (neither changes training; the checkpointer does nothing
 unless ``cim_checkpoint``/``cim_resume`` is set); with ``"cim": true`` the CIM mixin is composed
-in front of it as well. The run's args are kept here between before_run and get_idata because
+in front of it as well (learner.py), or, with ``"cim_memory": "features"``, the feature memory's
+(features.py). The run's args are kept here between before_run and get_idata because
 PyCIL's DataManager receives only the dataset name.
 
 before_run also seeds python ``random``, numpy and torch with the run's ``seed`` (PyCIL seeds
@@ -35,6 +36,7 @@ from .checks import folder_class_count, pycil_problems
 from .ddp import DistributedMixin, ddp_problems
 from .ddp import start as start_ddp
 from .hparams import apply_module_hparams
+from .features import FeatureMemoryMixin, feature_memory_problems
 from .learner import CIMLearnerMixin
 from .results import ResultsMixin
 
@@ -78,6 +80,7 @@ def check_args(args: dict) -> CIMConfig:
         problems.append(f"key 'cim_first_phase_from' = {first!r}: no such checkpoint file")
     problems += pycil_problems(args, num_classes, image_size)
     problems += ddp_problems(args)
+    problems += feature_memory_problems(args)
     from .checks import output_problems  # the run's output folders (in a run: logfilename is set)
 
     problems += output_problems(args)
@@ -102,7 +105,9 @@ def before_run(args: dict) -> None:
     seed_run(args, cfg)
     if cfg.cim_check_images and str(args.get("dataset", "")).lower() not in FOLDER_DATASETS:
         log.info("cim-plugin: cim_check_images: %s is not read from files, nothing to scan", args.get("dataset"))
-    if cfg.cim:
+    if cfg.cim and cfg.cim_memory == "features":
+        log.info("cim-plugin: on, feature memory (%s vectors, adaptation MLP %d epochs)", cfg.cim_feature_dtype, cfg.cim_adapt_epochs)
+    elif cfg.cim:
         log.info(
             "cim-plugin: on (%s masks, compress_ratio %s, mask_threshold %s)", cfg.cim_mask, cfg.compress_ratio, cfg.mask_threshold
         )
@@ -151,8 +156,8 @@ def wrap_learner(model: Any, args: dict) -> Any:
     mixins = (ResultsMixin, CheckpointMixin, FirstPhaseMixin)
     if distributed.active():
         mixins += (DistributedMixin,)
-    if cfg.cim:
-        mixins += (CIMLearnerMixin,)
+    if cfg.cim:  # the memory kind decides the mixin: images (CIM) or feature vectors
+        mixins += (FeatureMemoryMixin,) if cfg.cim_memory == "features" else (CIMLearnerMixin,)
     base = type(model)
     # the name says what the learner is (checkpoints record it), not how many processes run it
     named = "".join(m.__name__.replace("Mixin", "") for m in mixins if m is not DistributedMixin)

@@ -11,7 +11,8 @@ replaces the results of an earlier finished run of the same name. Under torchrun
 Per phase: CNN and NME top-1 (and PyCIL's grouped figures), the per-task accuracies (a row of the
 accuracy matrix, computed from the same predictions PyCIL scores), the memory figures, the elapsed
 time and, with the plugin on, the seconds spent in CIM's own work (mask steps, box refreshes,
-memory building). The summary holds average incremental and last accuracy, forgetting (PyCIL's
+memory building) and, with a feature memory, ``feature_memory`` (the stored vectors' drift before and
+after adaptation, the adaptation MLP's figures, the rehearsal steps; ``cim_phase_figures``). The summary holds average incremental and last accuracy, forgetting (PyCIL's
 definition, see ``cim_plugin.metrics``), the final memory and the wall time; ``config`` holds every
 key of the run.
 """
@@ -147,6 +148,7 @@ class ResultsMixin:
             "seed": args.get("seed"),
             "cim": bool(args.get("cim", False)),
             "cim_mask": args.get("cim_mask", "cam") if args.get("cim") else None,
+            "cim_memory": args.get("cim_memory", "image") if args.get("cim") else None,
             "log_file": f"{args['logfilename']}.log" if args.get("logfilename") else None,
             "phases": [],
             "config": _jsonable({k: v for k, v in args.items()}),
@@ -198,6 +200,9 @@ class ResultsMixin:
         if callable(diagnostics) and (diag := diagnostics()) is not None:
             phase["diagnostics"] = diag
             log.info("Task %s %s", phase.get("task"), format_diagnostics(diag))
+        figures = getattr(self, "cim_phase_figures", None)
+        if callable(figures):  # the memory kind's own figures (the feature memory's drift, ...)
+            phase.update(figures())
         parts = getattr(self, "cim", None)
         if parts is not None:  # CIM's own work in this phase (plugin on)
             seconds = parts.seconds
