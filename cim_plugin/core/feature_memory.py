@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .choices import FEATURE_DTYPES
+from .memory import budget_figures
 
 #: Version of the state_dict layout; bump when it changes.
 FORMAT_VERSION = 1
@@ -163,10 +164,8 @@ class FeatureMemory:
             "feature_dtype": self.dtype,
         }
         if units_per_class is not None:
-            classes = len(counts) if num_classes is None else num_classes
-            out["units_per_class"] = units_per_class
-            out["budget_units"] = units_per_class * classes
-            out["budget_bytes"] = int(units_per_class * classes * self.full_exemplar_bytes)
+            out.update(budget_figures(units_per_class, len(counts) if num_classes is None else num_classes,
+                                      self.full_exemplar_bytes))
         return out
 
     # -- persistence ---------------------------------------------------------------------------

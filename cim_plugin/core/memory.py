@@ -31,6 +31,12 @@ from .herding import fit_prefix
 FORMAT_VERSION = 1
 
 
+def budget_figures(units_per_class: float, num_classes: int, full_exemplar_bytes: int) -> dict:
+    """The budget part of a memory's summary: units per class, and the budget in units and bytes."""
+    return {"units_per_class": units_per_class, "budget_units": units_per_class * num_classes,
+            "budget_bytes": int(units_per_class * num_classes * full_exemplar_bytes)}
+
+
 @dataclass
 class ClassExemplars:
     """One class's ranked exemplars, packed: item i is ``payload[offsets[i]:offsets[i+1]]``."""
@@ -251,10 +257,8 @@ class ExemplarMemory:
             "storage_shape": list(self.image_shape),
         }
         if units_per_class is not None:
-            n = len(counts) if num_classes is None else num_classes
-            out["units_per_class"] = units_per_class
-            out["budget_units"] = units_per_class * n
-            out["budget_bytes"] = int(units_per_class * n * self.full_exemplar_bytes)
+            out.update(budget_figures(units_per_class, len(counts) if num_classes is None else num_classes,
+                                      self.full_exemplar_bytes))
         return out
 
     # -- persistence -------------------------------------------------------------------------

@@ -29,9 +29,7 @@ resumed run repeats a phase exactly. DER and FOSTER are refused (config.py), and
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from collections import defaultdict
 from typing import Any
 
@@ -50,6 +48,7 @@ from ..core.feature_memory import FeatureMemory
 from ..core.herding import herding_rank
 from ..seeding import isolated_rng
 from .data import PluginDataManager, storage_shape
+from .parts import CIMParts
 from .nets import eval_mode, extract_vector, feature_dim, unwrap
 
 log = logging.getLogger(__name__)
@@ -96,13 +95,7 @@ class FeatureParts:
         self.settings = AdapterSettings(epochs=cfg.cim_adapt_epochs, hidden=cfg.cim_adapt_hidden, lr=cfg.cim_adapt_lr,
                                         batch_size=cfg.cim_feature_batch_size, cls_coef=cfg.cim_adapt_cls_coef)
 
-    @contextlib.contextmanager
-    def timed(self, part: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[part] += time.perf_counter() - t0
+    timed = CIMParts.timed  # adds a block's wall seconds to ``seconds[part]``
 
     # -- a phase -------------------------------------------------------------------------------
     def begin_phase(self, dm: PluginDataManager, task: int) -> None:
