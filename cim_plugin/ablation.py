@@ -30,6 +30,7 @@ run again), so results of different settings never mix in one table.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -128,14 +129,23 @@ def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None
     # the variant decides what the memory keeps (``features`` sets it; the others keep images)
     config = {k: v for k, v in base.items() if k not in ("config", "logfilename", "cim_first_phase_from", "cim_memory")}
     config["seed"] = [int(seed)]
-    config["prefix"] = f"ablation_{variant}"
     config.update(keys if keys is not None else {"cim": False})
     if first_phase is not None:
         if variant == "off":
             config["cim_checkpoint"] = True
         else:
             config["cim_first_phase_from"] = str(first_phase)
+    config["prefix"] = f"ablation_{variant}_{config_tag(config)}"
     return config
+
+
+def config_tag(config: dict) -> str:
+    """8 hex digits of the config's sha256 (its ``prefix`` left out). PyCIL names its log, results
+    and checkpoint files by prefix, seed and backbone under ``logs/<learner>/<dataset>/...``: with
+    the tag in the prefix, ablations of different settings (or output folders) never share those
+    files, while a re-run of the same planned config finds its own checkpoints again."""
+    body = {k: v for k, v in config.items() if k != "prefix"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def plan(configs: Sequence[dict], variants: Sequence[str], seeds: Sequence[int],

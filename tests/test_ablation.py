@@ -15,7 +15,7 @@ from fakes import BASE, FakeRunner
 
 def test_variant_config_changes_only_the_switches_seed_and_prefix():
     cfg = ablation.variant_config(BASE, "off", 7)
-    assert cfg["cim"] is False and cfg["seed"] == [7] and cfg["prefix"] == "ablation_off"
+    assert cfg["cim"] is False and cfg["seed"] == [7] and cfg["prefix"].startswith("ablation_off_")
     changed = {k for k in BASE if BASE[k] != cfg.get(k)}
     assert changed == {"cim", "seed", "prefix"}
     cam = ablation.variant_config(BASE, "cam", 7)
@@ -23,6 +23,19 @@ def test_variant_config_changes_only_the_switches_seed_and_prefix():
     assert BASE["cim_mask"] == "pau"  # the base is not modified
     with pytest.raises(ablation.AblationError, match="unknown variant 'jpeg'"):
         ablation.variant_config(BASE, "jpeg", 1)
+
+
+def test_the_prefix_separates_settings_so_pycil_files_are_never_shared(tmp_path):
+    # PyCIL names logs, results and checkpoints by prefix + seed + backbone: two ablations of
+    # different settings (same learner, variant, seed) must not write the same files
+    a = ablation.variant_config(BASE, "off", 7, tmp_path / "a" / "first_phase.pt")
+    assert a["prefix"] == ablation.variant_config(BASE, "off", 7, tmp_path / "a" / "first_phase.pt")["prefix"]
+    other = ablation.variant_config({**BASE, "memory_size": 30}, "off", 7, tmp_path / "a" / "first_phase.pt")
+    assert other["prefix"] != a["prefix"] and other["prefix"].startswith("ablation_off_")
+    cam1 = ablation.variant_config(BASE, "cam", 7, tmp_path / "a" / "first_phase.pt")
+    cam2 = ablation.variant_config(BASE, "cam", 7, tmp_path / "b" / "first_phase.pt")
+    assert cam1["prefix"] != cam2["prefix"]  # started from another ablation's first phase
+    assert ablation.variant_config(BASE, "off", 8)["prefix"] != ablation.variant_config(BASE, "off", 7)["prefix"]
 
 
 def test_plan_orders_learner_variant_seed_and_rejects_duplicates():
