@@ -5,7 +5,7 @@ Loads the network of a phase-0 checkpoint (``first_phase.pt`` of an ablation's o
 ``task_0.pt``; PyCIL's modules are imported from ``--pycil`` / ``PYCIL_ROOT``), takes the map that
 enters the last ResNet stage (``fmaps[-2]``) of the demo's test images, weights each position by
 the image's CAM for its true class (pooled to the map's size), and prints for each k: the mean
-cosine similarity of decoded against original position vectors, the stored bytes per image
+cosine similarity of decoded against original maps (each map as one vector, and per position vector), the stored bytes per image
 (measured and analytic), the cosine also weighted by the CAM (where the code spends its
 directions), the same for the unweighted PCA, the share of each map's variance around its own mean that the code
 keeps (cosine alone flatters: ReLU maps share a large positive mean), and the multiple of exemplars per byte against a raw uint8 image.
@@ -56,8 +56,10 @@ def main(argv=None) -> None:
         centred = flat - flat.mean(dim=2, keepdim=True)
         kept = 1 - (flat - flat_back).pow(2).sum((1, 2)) / centred.pow(2).sum((1, 2)).clamp(min=1e-12)
         uniform = position_cosine(stage_in, uni_back)
+        whole = F.cosine_similarity(stage_in.flatten(1), back.flatten(1), dim=1)  # the map as one vector
         measured = code.mean[0].numel() + code.basis[0].numel() + code.coeffs[0].numel() + code.ranges[0].numel() * 2
-        print(f"  k={k}: cosine {cos.mean():.3f} over all positions, {wcos.mean():.3f} CAM-weighted "
+        print(f"  k={k}: cosine {whole.mean():.3f} of the whole map (min {whole.min():.3f}), "
+              f"{cos.mean():.3f} per position, {wcos.mean():.3f} per position CAM-weighted "
               f"(unweighted PCA: {uniform.mean():.3f}, {uni_wcos.mean():.3f}), "
               f"variance around the image's mean kept {kept.mean():.3f}, "
               f"{measured:,} B per image (analytic {code_bytes(c, h * w, k):,}), "

@@ -2,7 +2,9 @@
 
 Each run is a normal PyCIL run (``main.py`` in the patched checkout) of a config derived from
 the user's JSON: the variant sets ``cim`` / ``cim_mask`` / ``cim_codec`` / ``cim_memory`` only (the
-``features`` variant: the adapted feature memory, iCaRL and LUCIR), the seed sets ``seed`` and
+``features`` variant: the adapted feature memory; ``pca``: the PCA-coded stage maps; ``frozen``: plugin
+off with the backbone below ``cim_feature_stage`` frozen after the first phase, what ``pca``'s
+freezing alone costs; these three iCaRL and LUCIR; ``frozen`` also sets ``cim_freeze_lower``), the seed sets ``seed`` and
 ``prefix`` only, so every run of a learner has the same memory budget and schedule.
 
 Output folder layout::
@@ -126,7 +128,7 @@ def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None
         keys = variant_keys(variant)
     except ValueError as err:
         raise AblationError(str(err)) from None
-    # the variant decides what the memory keeps (``features`` sets it; the others keep images)
+    # the variant decides what the memory keeps (``features`` / ``pca`` set it; the others keep images)
     config = {k: v for k, v in base.items() if k not in ("config", "logfilename", "cim_first_phase_from", "cim_memory")}
     config["seed"] = [int(seed)]
     config.update(keys if keys is not None else {"cim": False})

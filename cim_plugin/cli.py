@@ -118,7 +118,9 @@ def _add_run_options(p, variants: tuple[str, ...], out: str, out_help: str) -> N
         return name
 
     p.add_argument("--variants", nargs="+", default=list(variants), type=variant,
-                   help="variants to run per learner: " + ", ".join(ABLATION_VARIANTS) + ", features (iCaRL, LUCIR)"
+                   help="variants to run per learner: " + ", ".join(ABLATION_VARIANTS)
+                        + ", features, pca, frozen (plugin off, the backbone below cim_feature_stage frozen after the "
+                        "first phase; these three: iCaRL, LUCIR)"
                         + ", or a mask source + a pixel codec such as pau+jpeg (default: " + " ".join(variants) + ")")
     p.add_argument("--independent", action="store_true",
                    help="train every variant's first phase itself (default: the 'off' run of each learner and seed "

@@ -34,12 +34,16 @@ SUPPORTED_LEARNERS = ("icarl", "der", "foster", "lucir")
 ABLATION_VARIANTS = ("off", *MASK_SOURCES, "mrdc")
 #: Variants that are not a mask source by name, and their plugin keys: MRDC (Wang et al., ICLR 2022)
 #: is the whole image as one JPEG (quality from ``cim_codec_quality``, MRDC's 50 by default);
-#: ``features`` is the adapted feature memory (Iscen et al., ECCV 2020; iCaRL and LUCIR only, so it
-#: is not among the default variants, ``ABLATION_VARIANTS``).
+#: ``features`` is the adapted feature memory (Iscen et al., ECCV 2020), ``pca`` the PCA-coded stage
+#: maps (AnytimeCL), ``frozen`` the plugin off with the backbone below ``cim_feature_stage`` frozen
+#: after the first phase as ``pca`` does (what the freezing alone costs); iCaRL and LUCIR only, so
+#: they are not among the default variants, ``ABLATION_VARIANTS``.
 NAMED_VARIANTS: dict[str, dict] = {"mrdc": {"cim_mask": "full", "cim_codec": "jpeg"},
-                                   "features": {"cim_memory": "features"}}
+                                   "features": {"cim_memory": "features"},
+                                   "pca": {"cim_memory": "pca"},
+                                   "frozen": {"cim": False, "cim_freeze_lower": True}}
 #: Every variant the ablation knows by name, in table order.
-ALL_VARIANTS = (*ABLATION_VARIANTS, "features")
+ALL_VARIANTS = (*ABLATION_VARIANTS, "features", "pca", "frozen")
 #: Learners a feature memory (``cim_memory`` "features") works with.
 FEATURE_MEMORY_LEARNERS = ("icarl", "lucir")
 
@@ -55,7 +59,7 @@ def variant_keys(variant: str) -> dict | None:
     mask, plus, codec = str(variant).partition("+")
     if mask in MASK_SOURCES and (not plus or codec in PIXEL_CODECS):
         return {"cim": True, "cim_mask": mask, "cim_codec": codec or "raw"}
-    raise ValueError(f"unknown variant {variant!r}: use off, mrdc, features, a mask source ({', '.join(MASK_SOURCES)}) or "
+    raise ValueError(f"unknown variant {variant!r}: use off, mrdc, features, pca, frozen, a mask source ({', '.join(MASK_SOURCES)}) or "
                      f"a mask source + a pixel codec ({', '.join(PIXEL_CODECS)}), e.g. pau+jpeg")
 #: Prefixes that mark a key as the plugin's own (an unknown key with such a prefix is an error).
 PLUGIN_PREFIXES = ("cim_", "synthetic_")
@@ -140,6 +144,10 @@ def path_text(v: Any) -> str | None:
     return None if isinstance(v, str) and v.strip() else "must be a non-empty path string"
 
 
+def name_text(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else "must be a non-empty string (a name)"
+
+
 def _range_text(lo: int, hi: int | None) -> str:
     return f" >= {lo}" if hi is None else f" in [{lo}, {hi}]"
 
@@ -165,7 +173,23 @@ class CIMConfig:
         'what the memory keeps of an exemplar: `"image"` (its pixels: CIM\'s compressed exemplars, or plain ones with '
         '`"cim_mask": "full"`), `"features"` (its final feature vector, herded, carried to every new model by an '
         "adaptation MLP and rehearsed at the classifier; Iscen et al., ECCV 2020; iCaRL and LUCIR, needs `\"cim\": true`; "
-        'see *Feature memories*), `"pca"` (not implemented yet: refused). Same byte budget for every kind')
+        'see *Feature memories*), `"pca"` (the map entering `cim_feature_stage`, coded per exemplar as '
+        "`cim_pca_components` CAM-weighted principal directions and coefficients in uint8, replayed through the stages "
+        "above it, which alone keep training after the first phase; iCaRL and LUCIR, see *Feature memories*). Same byte "
+        "budget for every kind")
+    cim_feature_stage: str | None = key(
+        None, name_text,
+        '`"pca"` and `cim_freeze_lower`: the backbone stage whose *input* map is stored (`"stage_2"`, `"stage_3"` for '
+        'resnet32; `"layer2"`..`"layer4"` for resnet18/34/50), checked against the network; the stem and the stages '
+        "below it are frozen after the first phase",
+        shown="the last stage")
+    cim_pca_components: int = key(
+        5, int_in(1), '`"pca"`: principal directions k stored per exemplar (at most the map\'s channels and positions)')
+    cim_freeze_lower: bool = key(
+        False, boolean,
+        "freeze the stem and the stages below `cim_feature_stage` from the second phase on (`requires_grad` off, "
+        'BatchNorm in eval mode), as `"pca"` always does; plugin on or off (iCaRL, LUCIR): measures what the freezing '
+        "alone costs")
     cim_feature_dtype: str = key(
         "float16", one_of(*FEATURE_DTYPES),
         '`"features"`: how a stored vector is kept (2 or 4 bytes per value); an exemplar costs feature width × that')
@@ -187,10 +211,11 @@ class CIMConfig:
         "*Feature memories*) skips it")
     cim_feature_replay_coef: float = key(
         1.0, number_in(0.0),
-        '`"features"`: weight of the stored features\' classification loss, added to the learner\'s own loss at '
+        '`"features"`, `"pca"`: weight of the stored features\' (decoded maps\') classification loss, added to the learner\'s own loss at '
         "every optimiser step of the later phases")
     cim_feature_batch_size: int = key(
-        128, int_in(1), '`"features"`: stored features per rehearsal step, and the adaptation MLP\'s batch size')
+        128, int_in(1),
+        '`"features"`, `"pca"`: stored exemplars per rehearsal step; the adaptation MLP\'s batch size; `"pca"`: decode batch')
     cim_feature_drift: bool = key(
         True, boolean,
         '`"features"`: measure per phase how far the stored features drifted (cosine to the new model\'s features of '
@@ -407,22 +432,24 @@ def validate_args(args: Mapping[str, Any]) -> list[str]:
 
 
 def memory_kind_problems(args: Mapping[str, Any]) -> list[str]:
-    """``cim_memory`` other than "image": needs the plugin on, a learner it is built for, and is not "pca" (yet)."""
+    """``cim_memory`` other than "image" needs the plugin on and a learner it is built for; so does
+    ``cim_freeze_lower`` (plugin on or off)."""
     kind = args.get("cim_memory", "image")
-    if kind == "image" or kind not in MEMORY_KINDS:
-        return []
+    name = str(args.get("model_name", "")).lower()
     problems = []
-    if kind == "pca":
-        problems.append("key 'cim_memory' = 'pca': the attention-weighted PCA feature memory is not implemented yet "
-                        "(core/feature_pca.py is its codec only); use \"image\" or \"features\"")
+    if args.get("cim_freeze_lower") is True and name not in FEATURE_MEMORY_LEARNERS:
+        problems.append(f"key 'cim_freeze_lower' = True is not built for model_name {name!r}: it works with "
+                        f"{', '.join(FEATURE_MEMORY_LEARNERS)} (one backbone split at a stage)")
+    if kind == "image" or kind not in MEMORY_KINDS:
+        return problems
     if args.get("cim") is not True:
         problems.append(f"key 'cim_memory' = {kind!r} needs \"cim\": true (with the plugin off PyCIL keeps its own "
                         "image exemplars)")
-    name = str(args.get("model_name", "")).lower()
-    if kind == "features" and name in SUPPORTED_LEARNERS and name not in FEATURE_MEMORY_LEARNERS:
-        problems.append(f"key 'cim_memory' = 'features' is not built for model_name {name!r}: it works with "
-                        f"{', '.join(FEATURE_MEMORY_LEARNERS)} (DER and FOSTER grow or distil their networks, so one "
-                        "adaptation MLP per phase does not carry stored features to their next model)")
+    if name in SUPPORTED_LEARNERS and name not in FEATURE_MEMORY_LEARNERS:
+        why = ("one adaptation MLP per phase does not carry stored features to their next model" if kind == "features"
+               else "their grown or distilled backbones do not keep one frozen stage split")
+        problems.append(f"key 'cim_memory' = {kind!r} is not built for model_name {name!r}: it works with "
+                        f"{', '.join(FEATURE_MEMORY_LEARNERS)} (DER and FOSTER grow or distil their networks, so {why})")
     return problems
 
 

@@ -33,7 +33,7 @@ BILEVEL_MODES: tuple[str, ...] = ("bilevel", "joint", "none")
 #: What the memory keeps of an exemplar (key ``cim_memory``): its pixels (CIM's compressed image,
 #: the default), its final feature vector (Iscen et al., ECCV 2020: core/feature_memory.py, adapted
 #: to every new model by core/feature_adapter.py), or a stage's feature map as a per-image PCA code
-#: (AnytimeCL; core/feature_pca.py: the codec exists, the memory is not implemented yet).
+#: (AnytimeCL; core/feature_pca.py the codec, core/pca_memory.py the memory).
 MEMORY_KINDS: tuple[str, ...] = ("image", "features", "pca")
 
 #: How a feature memory stores its vectors (numpy / torch dtype names; 2 or 4 bytes per value).

@@ -40,6 +40,31 @@ class PCACode:
         c, h, w = self.shape
         return code_bytes(c, h * w, self.k)
 
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.mean, self.basis, self.coeffs, self.ranges
+
+    def nbytes(self) -> int:
+        """Bytes the batch's tensors hold (numel × element size): what a memory of them stores."""
+        return int(sum(t.numel() * t.element_size() for t in self.tensors()))
+
+    def select(self, index) -> "PCACode":
+        """The codes of the images ``index`` picks (a slice, or an index tensor on any device)."""
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.mean.device)
+        return PCACode(*(t[index] for t in self.tensors()), self.shape)
+
+    def to(self, device) -> "PCACode":
+        return PCACode(*(t.to(device) for t in self.tensors()), self.shape)
+
+    @staticmethod
+    def cat(codes: "list[PCACode]") -> "PCACode":
+        if not codes or any(c.shape != codes[0].shape or c.k != codes[0].k for c in codes):
+            raise ValueError("PCACode.cat needs at least one code, all of one map shape and k")
+        return PCACode(*(torch.cat(ts) for ts in zip(*(c.tensors() for c in codes))), codes[0].shape)
+
 
 def code_bytes(channels: int, positions: int, k: int) -> int:
     """Stored bytes of one image's code: uint8 mean, basis and coefficients plus their ranges."""

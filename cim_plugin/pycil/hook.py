@@ -9,7 +9,8 @@ With ``"cim": false`` (or absent) the learner is PyCIL's own, composed only with
 recorder and the per-phase checkpointer (neither changes training; the checkpointer does nothing
 unless ``cim_checkpoint``/``cim_resume`` is set); with ``"cim": true`` the CIM mixin is composed
 in front of it as well (learner.py), or, with ``"cim_memory": "features"``, the feature memory's
-(features.py). The run's args are kept here between before_run and get_idata because
+(features.py), or with ``"pca"`` the PCA memory's (pca.py) behind the stage freezer (stages.py,
+also composed alone by ``"cim_freeze_lower": true``). The run's args are kept here between before_run and get_idata because
 PyCIL's DataManager receives only the dataset name.
 
 before_run also seeds python ``random``, numpy and torch with the run's ``seed`` (PyCIL seeds
@@ -38,6 +39,8 @@ from .ddp import start as start_ddp
 from .hparams import apply_module_hparams
 from .features import FeatureMemoryMixin, feature_memory_problems
 from .learner import CIMLearnerMixin
+from .pca import PCAMemoryMixin
+from .stages import FrozenStagesMixin
 from .results import ResultsMixin
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,9 @@ def before_run(args: dict) -> None:
         log.info("cim-plugin: cim_check_images: %s is not read from files, nothing to scan", args.get("dataset"))
     if cfg.cim and cfg.cim_memory == "features":
         log.info("cim-plugin: on, feature memory (%s vectors, adaptation MLP %d epochs)", cfg.cim_feature_dtype, cfg.cim_adapt_epochs)
+    elif cfg.cim and cfg.cim_memory == "pca":
+        log.info("cim-plugin: on, pca feature memory (map entering %s, k = %d; the backbone below frozen after the "
+                 "first phase)", cfg.cim_feature_stage or "the last stage", cfg.cim_pca_components)
     elif cfg.cim:
         log.info(
             "cim-plugin: on (%s masks, compress_ratio %s, mask_threshold %s)", cfg.cim_mask, cfg.compress_ratio, cfg.mask_threshold
@@ -156,8 +162,12 @@ def wrap_learner(model: Any, args: dict) -> Any:
     mixins = (ResultsMixin, CheckpointMixin, FirstPhaseMixin)
     if distributed.active():
         mixins += (DistributedMixin,)
-    if cfg.cim:  # the memory kind decides the mixin: images (CIM) or feature vectors
-        mixins += (FeatureMemoryMixin,) if cfg.cim_memory == "features" else (CIMLearnerMixin,)
+    pca = cfg.cim and cfg.cim_memory == "pca"
+    if pca or cfg.cim_freeze_lower:  # the backbone below cim_feature_stage frozen after the first phase
+        mixins += (FrozenStagesMixin,)
+    if cfg.cim:  # the memory kind decides the mixin: images (CIM), feature vectors or PCA-coded maps
+        memory = {"features": FeatureMemoryMixin, "pca": PCAMemoryMixin}.get(cfg.cim_memory, CIMLearnerMixin)
+        mixins += (memory,)
     base = type(model)
     # the name says what the learner is (checkpoints record it), not how many processes run it
     named = "".join(m.__name__.replace("Mixin", "") for m in mixins if m is not DistributedMixin)
@@ -165,6 +175,8 @@ def wrap_learner(model: Any, args: dict) -> Any:
     model._results_setup(args, cfg.cim_storage_size)
     model._ckpt_setup(args, cfg.cim_checkpoint, cfg.cim_resume)
     model._first_phase_setup(args, cfg.cim_first_phase_from, cfg.cim_later_seed)
+    if isinstance(model, FrozenStagesMixin):
+        model._freeze_setup(cfg.cim_feature_stage)
     if cfg.cim:
         model.cim_setup(cfg)
     return model

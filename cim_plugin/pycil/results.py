@@ -12,7 +12,8 @@ Per phase: CNN and NME top-1 (and PyCIL's grouped figures), the per-task accurac
 accuracy matrix, computed from the same predictions PyCIL scores), the memory figures, the elapsed
 time and, with the plugin on, the seconds spent in CIM's own work (mask steps, box refreshes,
 memory building) and, with a feature memory, ``feature_memory`` (the stored vectors' drift before and
-after adaptation, the adaptation MLP's figures, the rehearsal steps; ``cim_phase_figures``). The summary holds average incremental and last accuracy, forgetting (PyCIL's
+after adaptation, the adaptation MLP's figures, the rehearsal steps) or ``pca_memory`` (reconstruction
+cosine, decode time, rehearsal steps; both from ``cim_phase_figures``). The summary holds average incremental and last accuracy, forgetting (PyCIL's
 definition, see ``cim_plugin.metrics``), the final memory and the wall time; ``config`` holds every
 key of the run.
 """
