@@ -241,26 +241,13 @@ class FeatureParts:
         self.report = state.get("report")
 
 
-class FeatureMemoryMixin:
-    """A feature memory in front of PyCIL's iCaRL or the plugin's LUCIR (see module docstring)."""
-
-    cim: FeatureParts
-
-    def cim_setup(self, cfg: CIMConfig) -> None:
-        self.cim = FeatureParts(cfg, self)
-        ignored = sorted(k for k in ("cim_mask", "compress_ratio", "cim_codec", "mask_threshold", "cim_bilevel")
-                         if k in getattr(self, "args", {}))
-        if ignored:
-            log.info("feature memory: image-memory key(s) %s are not used with \"cim_memory\": \"features\"", ", ".join(ignored))
-
-    # -- PyCIL seams ---------------------------------------------------------------------------
-    def incremental_train(self, data_manager):
-        dm = data_manager if isinstance(data_manager, PluginDataManager) else PluginDataManager(data_manager)
-        self.cim.begin_phase(dm, self._cur_task + 1)
-        return super().incremental_train(dm)
+class RehearsedMemorySeams:
+    """PyCIL's seams shared by the memories that replay no image (``features``, ``pca``): no image
+    memory, the learner's optimiser wrapped to rehearse, the memory built by the parts (``self.cim``)
+    at every phase end with their NME class means, and the parts' explicit state in checkpoints."""
 
     def _get_memory(self):
-        return None  # no image is replayed: old classes are rehearsed at the classifier
+        return None  # no image is replayed: old classes are rehearsed from the memory
 
     @property
     def exemplar_size(self) -> int:
@@ -282,11 +269,31 @@ class FeatureMemoryMixin:
     def cim_diagnostics(self) -> dict | None:
         return None
 
-    def cim_phase_figures(self) -> dict:
-        return {"feature_memory": self.cim.report}
-
     def cim_state_dict(self) -> dict:
         return self.cim.state_dict()
 
     def cim_load_state_dict(self, state: dict) -> None:
         self.cim.load_state_dict(state)
+
+
+class FeatureMemoryMixin(RehearsedMemorySeams):
+    """A feature memory in front of PyCIL's iCaRL or the plugin's LUCIR (see module docstring)."""
+
+    cim: FeatureParts
+
+    def cim_setup(self, cfg: CIMConfig) -> None:
+        self.cim = FeatureParts(cfg, self)
+        ignored = sorted(k for k in ("cim_mask", "compress_ratio", "cim_codec", "mask_threshold", "cim_bilevel")
+                         if k in getattr(self, "args", {}))
+        if ignored:
+            log.info("feature memory: image-memory key(s) %s are not used with \"cim_memory\": \"features\"", ", ".join(ignored))
+
+    # -- PyCIL seams ---------------------------------------------------------------------------
+    def incremental_train(self, data_manager):
+        dm = data_manager if isinstance(data_manager, PluginDataManager) else PluginDataManager(data_manager)
+        self.cim.begin_phase(dm, self._cur_task + 1)
+        return super().incremental_train(dm)
+
+    def cim_phase_figures(self) -> dict:
+        return {"feature_memory": self.cim.report}
+

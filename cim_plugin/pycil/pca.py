@@ -48,7 +48,7 @@ from ..core.herding import herding_rank
 from ..core.pca_memory import PCAMemory
 from ..seeding import isolated_rng
 from .data import PluginDataManager, storage_shape
-from .features import classifier_logits, phase_generator
+from .features import RehearsedMemorySeams, classifier_logits, phase_generator
 from .nets import cam_and_features, eval_mode, feature_dim, unwrap
 from .parts import CIMParts
 from .stages import check_split, resolve_stage, single_backbone, stage_input, upper_features
@@ -227,7 +227,7 @@ class PCAParts:
         self.report = state.get("report")
 
 
-class PCAMemoryMixin:
+class PCAMemoryMixin(RehearsedMemorySeams):
     """A PCA feature memory in front of PyCIL's iCaRL or the plugin's LUCIR (see module docstring)."""
 
     cim: PCAParts
@@ -245,37 +245,8 @@ class PCAMemoryMixin:
         self.cim.begin_phase(dm, self._cur_task + 1, self._known_classes)
         return super().incremental_train(dm)
 
-    def _get_memory(self):
-        return None  # no image is replayed: old classes are rehearsed from their decoded maps
-
-    @property
-    def exemplar_size(self) -> int:
-        return 0 if self.cim.memory is None else len(self.cim.memory)
-
-    def _update_representation(self, train_loader, test_loader, optimizer, scheduler):
-        return super()._update_representation(train_loader, test_loader, self.cim.rehearsing(optimizer), scheduler)
-
-    def build_rehearsal_memory(self, data_manager, per_class):
-        dm = data_manager if isinstance(data_manager, PluginDataManager) else PluginDataManager(data_manager)
-        with self.cim.timed("memory"):
-            means = self.cim.build_memory(dm, self._known_classes, self._total_classes, per_class, self._fixed_memory)
-        if means is not None:
-            self._class_means = means
-        elif hasattr(self, "_class_means"):
-            del self._class_means  # no exemplars: NME off
-
-    # -- results and checkpoints ---------------------------------------------------------------
-    def cim_diagnostics(self) -> dict | None:
-        return None
-
     def cim_phase_figures(self) -> dict:
         report = self.cim.report
         if report is not None and "decode" in report:
             report = {**report, "decode": {**report["decode"], **self.cim.decode_timing}}
         return {"pca_memory": report}
-
-    def cim_state_dict(self) -> dict:
-        return self.cim.state_dict()
-
-    def cim_load_state_dict(self, state: dict) -> None:
-        self.cim.load_state_dict(state)
