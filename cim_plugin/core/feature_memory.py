@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .choices import FEATURE_DTYPES
-from .memory import budget_figures
+from .memory import RankedClassLists, budget_figures
 
 #: Version of the state_dict layout; bump when it changes.
 FORMAT_VERSION = 1
@@ -39,8 +39,11 @@ class ClassFeatures:
     def __len__(self) -> int:
         return len(self.positions)
 
+    def head(self, n: int) -> "ClassFeatures":
+        return ClassFeatures(self.features[:n].copy(), self.positions[:n].copy())
 
-class FeatureMemory:
+
+class FeatureMemory(RankedClassLists):
     """Ranked feature vectors per class, budgeted in bytes (see module docstring)."""
 
     kind = "features"
@@ -61,11 +64,6 @@ class FeatureMemory:
         """Bytes of one stored vector."""
         return self.dim * np.dtype(self.dtype).itemsize
 
-    def capacity(self, units: float) -> int:
-        """Vectors that fit ``units`` full-exemplar units (the byte budget ``floor(units × full bytes)``)."""
-        if units <= 0:
-            return 0
-        return int(np.floor(float(units) * self.full_exemplar_bytes + 1e-9)) // self.item_bytes
 
     def bytes_used(self) -> int:
         return int(sum(c.features.nbytes for c in self._classes.values()))
@@ -74,19 +72,10 @@ class FeatureMemory:
         """The images' positions (diagnostic only, see module docstring)."""
         return int(sum(c.positions.nbytes for c in self._classes.values()))
 
-    def units_used(self) -> float:
-        return self.bytes_used() / self.full_exemplar_bytes
 
     # -- content -------------------------------------------------------------------------------
-    @property
-    def labels(self) -> list[int]:
-        return sorted(self._classes)
 
-    def __len__(self) -> int:
-        return sum(len(c) for c in self._classes.values())
 
-    def counts(self) -> dict[int, int]:
-        return {k: len(self._classes[k]) for k in self.labels}
 
     def features(self, label: int) -> np.ndarray:
         return self._classes[int(label)].features.copy()
@@ -107,14 +96,6 @@ class FeatureMemory:
         self._classes[int(label)] = ClassFeatures(np.ascontiguousarray(feats[:keep], dtype=self.dtype), positions[:keep].copy())
         return keep
 
-    def reduce(self, units: float) -> dict[int, int]:
-        """Cut every class's ranked list to ``capacity(units)``; returns {label: removed}."""
-        keep, removed = self.capacity(units), {}
-        for label, c in self._classes.items():
-            if len(c) > keep:
-                removed[label] = len(c) - keep
-                self._classes[label] = ClassFeatures(c.features[:keep].copy(), c.positions[:keep].copy())
-        return removed
 
     def all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored vector as float32 ``[N, D]`` and its label ``[N]`` (class, rank order)."""

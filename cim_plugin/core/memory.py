@@ -472,3 +472,41 @@ class MemoryDataset(torch.utils.data.Dataset):
         if self.transform is None:
             return index, image, label
         return index, self.transform(restore_view(image, aspect)), label
+
+
+class RankedClassLists:
+    """What the fixed-size-item memories (``features``, ``pca``) share: per class a ranked list
+    (``self._classes[label]``, with ``len`` and ``head(n)``) of items of ``item_bytes`` each, under a
+    budget of ``units`` × ``full_exemplar_bytes`` per class; shrinking cuts the lists."""
+
+    item_bytes: int
+    full_exemplar_bytes: int
+    _classes: dict
+
+    def capacity(self, units: float) -> int:
+        """Items that fit ``units`` full-exemplar units (the byte budget ``floor(units × full bytes)``)."""
+        if units <= 0:
+            return 0
+        return int(np.floor(float(units) * self.full_exemplar_bytes + 1e-9)) // self.item_bytes
+
+    def units_used(self) -> float:
+        return self.bytes_used() / self.full_exemplar_bytes
+
+    @property
+    def labels(self) -> list[int]:
+        return sorted(self._classes)
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._classes.values())
+
+    def counts(self) -> dict[int, int]:
+        return {k: len(self._classes[k]) for k in self.labels}
+
+    def reduce(self, units: float) -> dict[int, int]:
+        """Cut every class's ranked list to ``capacity(units)``; returns {label: removed}."""
+        keep, removed = self.capacity(units), {}
+        for label, c in self._classes.items():
+            if len(c) > keep:
+                removed[label] = len(c) - keep
+                self._classes[label] = c.head(keep)
+        return removed

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .feature_pca import PCACode, code_bytes, decode
-from .memory import budget_figures
+from .memory import RankedClassLists, budget_figures
 
 #: Version of the state_dict layout; bump when it changes.
 FORMAT_VERSION = 1
@@ -47,7 +47,7 @@ class ClassCodes:
         return ClassCodes(self.code.select(slice(0, n)), self.positions[:n].copy(), self.cosine[:n].copy())
 
 
-class PCAMemory:
+class PCAMemory(RankedClassLists):
     """Ranked PCA codes per class, budgeted in bytes (see module docstring)."""
 
     kind = "pca"
@@ -71,11 +71,6 @@ class PCAMemory:
         c, h, w = self.map_shape
         return code_bytes(c, h * w, self.k)
 
-    def capacity(self, units: float) -> int:
-        """Codes that fit ``units`` full-exemplar units (the byte budget ``floor(units × full bytes)``)."""
-        if units <= 0:
-            return 0
-        return int(np.floor(float(units) * self.full_exemplar_bytes + 1e-9)) // self.item_bytes
 
     def bytes_used(self) -> int:
         return int(sum(c.code.nbytes() for c in self._classes.values()))
@@ -83,19 +78,10 @@ class PCAMemory:
     def metadata_bytes(self) -> int:
         return int(sum(c.positions.nbytes + c.cosine.nbytes for c in self._classes.values()))
 
-    def units_used(self) -> float:
-        return self.bytes_used() / self.full_exemplar_bytes
 
     # -- content -------------------------------------------------------------------------------
-    @property
-    def labels(self) -> list[int]:
-        return sorted(self._classes)
 
-    def __len__(self) -> int:
-        return sum(len(c) for c in self._classes.values())
 
-    def counts(self) -> dict[int, int]:
-        return {k: len(self._classes[k]) for k in self.labels}
 
     def code(self, label: int) -> PCACode:
         return self._classes[int(label)].code
@@ -119,14 +105,6 @@ class PCAMemory:
         self._classes[int(label)] = ClassCodes(cpu, positions, cosine).head(keep)
         return keep
 
-    def reduce(self, units: float) -> dict[int, int]:
-        """Cut every class's ranked list to ``capacity(units)``; returns {label: removed}."""
-        keep, removed = self.capacity(units), {}
-        for label, c in self._classes.items():
-            if len(c) > keep:
-                removed[label] = len(c) - keep
-                self._classes[label] = c.head(keep)
-        return removed
 
     def all(self) -> tuple[PCACode | None, torch.Tensor]:
         """Every stored code (class, rank order) and its label ``[N]``; (None, empty) when empty."""
