@@ -242,6 +242,12 @@ class CIMConfig:
     phi_weight_decay: float = key(5e-4, number_in(0.0), "Adam weight decay of φ (the official code's)")
     div_coef: float = key(0.2, number_in(0.0), "weight of the branch's CE term in the outer loss")
     reg_coef: float = key(0.1, number_in(0.0), "weight of the mask regulariser mean(M²) in the outer loss")
+    cim_foster_old_count: str = key(
+        "budget", one_of("budget", "stored"),
+        'FOSTER: the old classes\' sample count in its class-balance weights (`beta1`, `beta2`): `"budget"` = '
+        "PyCIL's and the official code's `samples_old_class` (budget units per old class), `\"stored\"` = the "
+        "exemplars the memory really replays per old class (the mean over old classes; equal to the budget "
+        "with plain exemplars). See *FOSTER at the demo setting*")
     cim_train_old_paus: bool = key(
         False, boolean,
         "DER/FOSTER: whether the PAUs of old backbones keep training (an explicit choice, not a side "

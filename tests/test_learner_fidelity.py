@@ -52,6 +52,28 @@ def test_foster_samples_old_class_is_the_budget_not_the_compressed_count():
     assert learner.samples_old_class == 6
 
 
+def test_foster_samples_old_class_can_count_the_stored_exemplars():
+    learner = make(cim_foster_old_count="stored")
+    assert learner.samples_old_class == 6  # no memory yet (first phase): the budget
+    learner.cim.use_memory(memory_with(15))
+    assert learner.samples_old_class == 15
+    learner._known_classes = 3  # the mean over old classes
+    assert learner.samples_old_class == 5
+
+
+def test_stored_count_moves_fosters_weights_toward_balance():
+    """FOSTER's effective-number weights (models/foster.py) with 150 new images per class: the stored
+    count gives the old classes a smaller weight than the budget does."""
+    def old_weight(old_count, beta=0.97, new=150):
+        eff = 1.0 - np.power(beta, [old_count, new])
+        w = (1.0 - beta) / eff
+        return (w / w.sum() * 2)[0]
+    budget, stored = make(), make(cim_foster_old_count="stored")
+    for learner in (budget, stored):
+        learner.cim.use_memory(memory_with(15))
+    assert old_weight(stored.samples_old_class) < old_weight(budget.samples_old_class)
+
+
 class TwoBackbones(nn.Module):
     """DER/FOSTER layout: ``convnets`` with a frozen old backbone and a trained new one."""
 

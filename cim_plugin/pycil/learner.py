@@ -74,6 +74,18 @@ class CIMLearnerMixin:
     def exemplar_size(self) -> int:
         return 0 if self.cim.memory is None else len(self.cim.memory)
 
+    @property
+    def samples_old_class(self):
+        """FOSTER's old-class count for its class-balance weights: PyCIL's budget units per old class,
+        or with ``cim_foster_old_count`` "stored" the exemplars the memory replays per old class."""
+        budget = super().samples_old_class
+        mem = self.cim.memory
+        if self.cim.cfg.cim_foster_old_count != "stored" or mem is None or not len(mem) or not self._known_classes:
+            return budget
+        stored = len(mem) / self._known_classes
+        log.info("CIM: FOSTER class balance counts %.1f stored exemplars per old class (budget %s)", stored, budget)
+        return stored
+
     def _init_train(self, train_loader, test_loader, optimizer, scheduler):
         return super()._init_train(train_loader, test_loader, optimizer, self._hooked(scheduler))
 
