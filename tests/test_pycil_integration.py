@@ -5,7 +5,9 @@ cloned into a temporary folder and patched there; the user's checkout is never t
 """
 
 import json
+import re
 
+import numpy as np
 import pytest
 
 from cim_plugin import locate
@@ -27,7 +29,8 @@ LEARNER_KEYS = {
                "boosting_epochs": 1, "compression_epochs": 1, "lr": 0.01, "weight_decay": 5e-4, "T": 2},
     "lucir": {"convnet_type": "cosine_resnet18", "init_epoch": 1, "epochs": 1, "init_lr": 0.01, "lrate": 0.01},
 }
-CIM = {"cim": True, "cim_mask": "cam", "cam_update_interval": 1, "randombbxblur_prob_incre": 0.5}
+CIM = {"cim": True, "cim_mask": "cam", "cam_update_interval": 1, "randombbxblur_prob_incre": 0.5,
+       "cim_foster_old_count": "stored"}  # FOSTER only; the others do not read it
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,22 @@ def test_cam_plugin_holds_more_exemplars_at_no_more_bytes(run, learner):
     assert on_proc.stdout.count("compressed memory:") == 2
     assert "compressed share now" in on_proc.stdout
     assert "CIM mask steps" not in on_proc.stdout  # no branch for "cam"
+
+
+def test_foster_class_balance_counts_the_stored_exemplars_inside_pycil(run):
+    """``cim_foster_old_count`` "stored" reaches FOSTER's own weights (models/foster.py computes them from
+    ``samples_old_class``): both stages' weights are the effective-number weights of the stored count."""
+    proc, on = run("foster", "cam")
+    counts = [float(c) for c in re.findall(r"FOSTER class balance counts ([\d.]+) stored exemplars", proc.stdout)]
+    assert len(counts) == 2 and counts[0] > 32 // 5  # boosting and compression stage, more than the budget
+    assert counts[0] == pytest.approx(on["phases"][0]["memory"]["mean_exemplars_per_class"], abs=0.05)
+    weights = [np.array(w.split(), dtype=float) for w in re.findall(r"per cls weights : \[([^\]]*)\]", proc.stdout)]
+    assert len(weights) == 2
+    beta, new = LEARNER_KEYS["foster"]["beta1"], TINY["synthetic_train_per_class"]
+    eff = 1.0 - np.power(beta, [counts[0]] * 5 + [new] * 3)
+    expected = (1.0 - beta) / eff
+    for w in weights:
+        assert w == pytest.approx(expected / expected.sum() * 8, rel=1e-3)
 
 
 @pytest.mark.parametrize("learner", ["icarl", "der", "foster", "lucir"])
