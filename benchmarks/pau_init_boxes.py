@@ -1,0 +1,50 @@
+"""Diagnostic: the box area of the CIL model's CAM against the *untrained* PAU branch's CAM (every ReLU
+replaced by the PAU's initial ReLU fit, θ shared) on the same first-phase network, and the mean cosine
+of the two CAMs. If the untrained branch's boxes are already looser, pau's looser boxes come from the
+PAU's start, not from the mask steps.
+
+Run: ``PYCIL_ROOT=../PyCIL python benchmarks/pau_init_boxes.py <ablation>/runs/icarl_off_s1993/first_phase.pt``
+"""
+
+import argparse
+import os
+
+import first_phase_model as fpm
+import torch
+
+from cim_plugin.core.boxes import cam_to_boxes
+from cim_plugin.core.branch import PAUBranch
+from cim_plugin.core.cam import normalize_cams
+from cim_plugin.pycil.nets import backbones, branch_outputs, cam_and_features, eval_mode
+
+
+def mean_area(cams: torch.Tensor, tau: float, factor: int, size: int) -> float:
+    norm, degenerate = normalize_cams(cams.float())
+    boxes, _ = cam_to_boxes(norm, (size, size), tau, factor, degenerate)
+    return float(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).float().mean() / size**2)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", help="first_phase.pt / task_0.pt files")
+    p.add_argument("--pycil", default=os.environ.get("PYCIL_ROOT"), help="PyCIL checkout (default: PYCIL_ROOT)")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--images", type=int, default=300, help="first-phase training images used")
+    p.add_argument("--factor", type=int, default=8, help="side factor of compress_ratio (64 -> 8)")
+    p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.6])
+    a = p.parse_args(argv)
+    for ck in a.checkpoints:
+        fp = fpm.load(ck, a.pycil, "train", a.size, a.images)
+        net, x, y = fp.net, fpm.normalise(fp.images), torch.as_tensor(fp.labels)
+        branch = PAUBranch(list(backbones(net)))
+        with torch.no_grad(), eval_mode(net):
+            cil = torch.cat([cam_and_features(net, x[i:i + 50], y[i:i + 50])[0] for i in range(0, len(x), 50)])
+            pau = torch.cat([branch_outputs(net, branch, x[i:i + 50], y[i:i + 50])[0] for i in range(0, len(x), 50)])
+        cos = torch.nn.functional.cosine_similarity(cil.flatten(1), pau.flatten(1)).mean()
+        areas = ", ".join(f"tau {t}: cam {mean_area(cil, t, a.factor, a.size):.3f} / untrained pau "
+                          f"{mean_area(pau, t, a.factor, a.size):.3f}" for t in a.taus)
+        print(f"{ck}: {len(x)} images; box area {areas}; CAM cosine {float(cos):.4f}")
+
+
+if __name__ == "__main__":
+    main()
