@@ -12,7 +12,7 @@ import os
 import first_phase_model as fpm
 import torch
 
-from cim_plugin.core.boxes import cam_to_boxes
+from cim_plugin.core.boxes import box_area_fraction, cam_to_boxes
 from cim_plugin.core.branch import PAUBranch
 from cim_plugin.core.cam import normalize_cams
 from cim_plugin.pycil.nets import backbones, branch_outputs, cam_and_features, eval_mode
@@ -21,7 +21,7 @@ from cim_plugin.pycil.nets import backbones, branch_outputs, cam_and_features, e
 def mean_area(cams: torch.Tensor, tau: float, factor: int, size: int) -> float:
     norm, degenerate = normalize_cams(cams.float())
     boxes, _ = cam_to_boxes(norm, (size, size), tau, factor, degenerate)
-    return float(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).float().mean() / size**2)
+    return float(box_area_fraction(boxes, (size, size)).mean())
 
 
 def main(argv=None) -> None:
@@ -38,8 +38,9 @@ def main(argv=None) -> None:
         net, x, y = fp.net, fpm.normalise(fp.images), torch.as_tensor(fp.labels)
         branch = PAUBranch(list(backbones(net)))
         with torch.no_grad(), eval_mode(net):
-            cil = torch.cat([cam_and_features(net, x[i:i + 50], y[i:i + 50])[0] for i in range(0, len(x), 50)])
-            pau = torch.cat([branch_outputs(net, branch, x[i:i + 50], y[i:i + 50])[0] for i in range(0, len(x), 50)])
+            pairs = [(cam_and_features(net, xb, yb)[0], branch_outputs(net, branch, xb, yb)[0])
+                     for xb, yb in zip(x.split(50), y.split(50))]
+        cil, pau = (torch.cat(c) for c in zip(*pairs))
         cos = torch.nn.functional.cosine_similarity(cil.flatten(1), pau.flatten(1)).mean()
         areas = ", ".join(f"tau {t}: cam {mean_area(cil, t, a.factor, a.size):.3f} / untrained pau "
                           f"{mean_area(pau, t, a.factor, a.size):.3f}" for t in a.taus)

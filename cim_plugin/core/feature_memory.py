@@ -64,7 +64,6 @@ class FeatureMemory(RankedClassLists):
         """Bytes of one stored vector."""
         return self.dim * np.dtype(self.dtype).itemsize
 
-
     def bytes_used(self) -> int:
         return int(sum(c.features.nbytes for c in self._classes.values()))
 
@@ -72,11 +71,7 @@ class FeatureMemory(RankedClassLists):
         """The images' positions (diagnostic only, see module docstring)."""
         return int(sum(c.positions.nbytes for c in self._classes.values()))
 
-
     # -- content -------------------------------------------------------------------------------
-
-
-
     def features(self, label: int) -> np.ndarray:
         return self._classes[int(label)].features.copy()
 
@@ -95,7 +90,6 @@ class FeatureMemory(RankedClassLists):
         keep = len(feats) if units is None else min(len(feats), self.capacity(units))
         self._classes[int(label)] = ClassFeatures(np.ascontiguousarray(feats[:keep], dtype=self.dtype), positions[:keep].copy())
         return keep
-
 
     def all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored vector as float32 ``[N, D]`` and its label ``[N]`` (class, rank order)."""

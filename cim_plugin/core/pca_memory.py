@@ -71,18 +71,13 @@ class PCAMemory(RankedClassLists):
         c, h, w = self.map_shape
         return code_bytes(c, h * w, self.k)
 
-
     def bytes_used(self) -> int:
         return int(sum(c.code.nbytes() for c in self._classes.values()))
 
     def metadata_bytes(self) -> int:
         return int(sum(c.positions.nbytes + c.cosine.nbytes for c in self._classes.values()))
 
-
     # -- content -------------------------------------------------------------------------------
-
-
-
     def code(self, label: int) -> PCACode:
         return self._classes[int(label)].code
 
@@ -104,7 +99,6 @@ class PCAMemory(RankedClassLists):
         cpu = code.to("cpu")
         self._classes[int(label)] = ClassCodes(cpu, positions, cosine).head(keep)
         return keep
-
 
     def all(self) -> tuple[PCACode | None, torch.Tensor]:
         """Every stored code (class, rank order) and its label ``[N]``; (None, empty) when empty."""

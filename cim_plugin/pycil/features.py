@@ -296,4 +296,3 @@ class FeatureMemoryMixin(RehearsedMemorySeams):
 
     def cim_phase_figures(self) -> dict:
         return {"feature_memory": self.cim.report}
-
