@@ -248,6 +248,12 @@ class CIMConfig:
         "PyCIL's and the official code's `samples_old_class` (budget units per old class), `\"stored\"` = the "
         "exemplars the memory really replays per old class (the mean over old classes; equal to the budget "
         "with plain exemplars). See *FOSTER at the demo setting*")
+    cim_pau_init_range: float = key(
+        3.0, number_in(0.5, 100.0),
+        "the PAUs of φ start as a rational fit of ReLU on [−r, r] (the official code: r = 3); pre-activations "
+        "of a trained ResNet reach well past 3, where the r = 3 fit bends away from ReLU, so the untrained "
+        "branch's CAMs differ from the network's (cosine 0.86 on the iCaRL demo) and its boxes are looser; "
+        "r = 6 or 10 makes them agree (0.997). See *FOSTER at the demo setting*")
     cim_train_old_paus: bool = key(
         False, boolean,
         "DER/FOSTER: whether the PAUs of old backbones keep training (an explicit choice, not a side "

@@ -154,6 +154,18 @@ def test_branch_trainer_stage_life_cycle(monkeypatch):
     assert trainer.optimizer is None and trainer.steps == 0
 
 
+def test_branch_trainer_builds_its_branch_with_the_pau_options():
+    from cim_plugin.core.pau import PAU
+
+    net = TinyNet()
+    default = BranchTrainer(BilevelSettings(factor=2), 0.01, 0.0, False).sync([net.convnet], "cpu")
+    wide = BranchTrainer(BilevelSettings(factor=2), 0.01, 0.0, False, pau_options={"init_range": 6.0}).sync([net.convnet], "cpu")
+    assert wide.pau_options["init_range"] == 6.0 and default.pau_options["init_range"] == 3.0
+    site = wide.sites(0)[0]
+    assert wide.pau(0, site).numerator.tolist() == PAU(init_range=6.0).numerator.tolist()
+    assert wide.pau(0, site).numerator.tolist() != default.pau(0, site).numerator.tolist()
+
+
 def test_branch_trainer_without_bilevel_is_inactive():
     assert not BranchTrainer(BilevelSettings(factor=2, mode="none"), 0.01, 0.0, False).active
 
@@ -178,3 +190,12 @@ def test_the_full_source_gives_plain_exemplars_in_the_compressed_memory():
     assert mem.count(0) == 3 and mem.units_used(0) == 3.0
     assert all(any(np.array_equal(s, c) for c in imgs) for s in mem.images(0))
     assert mem.item_view(0)[2] == 1.5  # the aspects travel with the ranked exemplars
+
+
+def test_the_pau_init_range_key_reaches_the_branch_trainer():
+    from cim_plugin.config import CIMConfig
+    from cim_plugin.pycil.parts import CIMParts
+
+    parts = CIMParts(CIMConfig.from_args({"cim_pau_init_range": 6.0}), object())
+    assert parts.trainer.pau_options == {"init_range": 6.0}
+    assert CIMParts(CIMConfig.from_args({}), object()).trainer.pau_options == {"init_range": 3.0}

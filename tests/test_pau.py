@@ -86,6 +86,21 @@ def test_other_degrees_fit_and_initialise(degrees):
     torch.testing.assert_close(pau.numerator.detach().double(), expect)
 
 
+def test_init_range_widens_the_interval_where_the_pau_follows_relu():
+    # r = 3 is the official fit (the stored constants); a wider r trades a little error inside
+    # [-3, 3] for a fit that stays on ReLU out to [-r, r], where trained ResNets' pre-activations go
+    assert PAU(init_range=3.0).numerator.tolist() == PAU().numerator.tolist()
+    x = torch.linspace(-6.0, 6.0, 60001, dtype=torch.float64)
+    err_default = (PAU().double()(x) - x.relu()).abs().max().item()
+    wide = PAU(init_range=6.0)
+    err_wide = (wide.double()(x) - x.relu()).abs().max().item()
+    assert err_wide < 0.05 < err_default
+    fit = fit_relu_coefficients(lo=-6.0, hi=6.0)
+    np.testing.assert_allclose(wide.numerator.detach().double().numpy(), fit.numerator, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="init_range"):
+        PAU(init_range=0.0)
+
+
 def test_fit_rejects_bad_arguments():
     with pytest.raises(ValueError):
         fit_relu_coefficients(0, 4)

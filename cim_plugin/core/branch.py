@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .pau import PAU
+from .pau import DEFAULT_INIT_RANGE, PAU
 
 __all__ = ["relu_sites", "PAUBranch"]
 
@@ -83,7 +83,7 @@ class PAUBranch(nn.Module):
     ``backbones``: the CIL model's feature extractors in order (IncrementalNet: ``[convnet]``;
     DERNet/FOSTERNet: ``list(convnets)``). All PAUs start at the ReLU fit and trainable (use
     :meth:`set_trainable` / :meth:`sync` ``train_old`` to freeze). PAU options: ``num_degree``,
-    ``den_degree``, ``version`` (see :class:`~cim_plugin.core.pau.PAU`).
+    ``den_degree``, ``version``, ``init_range`` (see :class:`~cim_plugin.core.pau.PAU`).
 
     State dict keys: ``paus.<backbone index>.<site with '/' for '.'>.numerator|denominator``.
     ``copy.deepcopy``/pickling a branch copies φ but not the backbones: reattach them with
@@ -98,10 +98,12 @@ class PAUBranch(nn.Module):
         num_degree: int = 5,
         den_degree: int = 4,
         version: str = "B",
+        init_range: float = DEFAULT_INIT_RANGE,
         require_sites: bool = True,
     ):
         super().__init__()
-        self.pau_options = {"num_degree": int(num_degree), "den_degree": int(den_degree), "version": version}
+        self.pau_options = {"num_degree": int(num_degree), "den_degree": int(den_degree), "version": version,
+                            "init_range": float(init_range)}
         self.require_sites = bool(require_sites)
         self.paus = nn.ModuleList()
         self._sites: list[list[str]] = []

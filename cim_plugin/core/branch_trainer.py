@@ -37,8 +37,10 @@ def _whole(x: float) -> int:
 
 class BranchTrainer:
     def __init__(self, settings: BilevelSettings, phi_lr: float, phi_weight_decay: float, train_old: bool,
-                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None):
+                 reduce_grads: Callable[[list[torch.Tensor]], None] | None = None,
+                 pau_options: dict | None = None):
         self.settings = settings
+        self.pau_options = dict(pau_options or {})  # PAUBranch options of a new branch (e.g. init_range)
         self.reduce_grads = reduce_grads  # several processes: φ's gradients averaged over them (mask_step)
         self.phi_lr = float(phi_lr)
         self.phi_weight_decay = float(phi_weight_decay)
@@ -84,7 +86,7 @@ class BranchTrainer:
         """The branch over ``backbones``: grown by PAUs for new ones, rebound when they changed
         (the first call of a phase always re-syncs); a change starts a new stage."""
         if self.branch is None:
-            self.branch = PAUBranch(list(backbones))
+            self.branch = PAUBranch(list(backbones), **self.pau_options)
         branch = self.branch
         changed = len(branch.backbones) != len(backbones) or any(a is not b for a, b in zip(branch.backbones, backbones))
         if changed or not self._synced:

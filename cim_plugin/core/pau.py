@@ -51,6 +51,7 @@ __all__ = [
     "pade_max_error",
     "RELU_INIT_NUMERATOR",
     "RELU_INIT_DENOMINATOR",
+    "DEFAULT_INIT_RANGE",
     "RELU_FIT_MAX_ERROR",
 ]
 
@@ -209,11 +210,16 @@ def fit_relu_coefficients(
     return PadeFit(tuple(float(v) for v in a), tuple(float(v) for v in b), max_err)
 
 
+DEFAULT_INIT_RANGE = 3.0  # the official code's ReLU fit interval [-3, 3] (what RELU_INIT_* fit)
+
+
 @functools.lru_cache(maxsize=None)
-def _relu_init(num_degree: int, den_degree: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if (num_degree, den_degree) == (len(RELU_INIT_NUMERATOR) - 1, len(RELU_INIT_DENOMINATOR)):
+def _relu_init(num_degree: int, den_degree: int, init_range: float = DEFAULT_INIT_RANGE
+               ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if (num_degree, den_degree) == (len(RELU_INIT_NUMERATOR) - 1, len(RELU_INIT_DENOMINATOR)) \
+            and init_range == DEFAULT_INIT_RANGE:
         return RELU_INIT_NUMERATOR, RELU_INIT_DENOMINATOR
-    fit = fit_relu_coefficients(num_degree, den_degree)
+    fit = fit_relu_coefficients(num_degree, den_degree, lo=-init_range, hi=init_range)
     return fit.numerator, fit.denominator
 
 
@@ -427,8 +433,10 @@ class PAU(nn.Module):
     """Safe Padé activation unit with its own ``numerator`` [m+1] and ``denominator`` [n] parameters.
 
     One coefficient set per module (i.e. per activation site), initialised to the ReLU fit
-    (``RELU_INIT_*`` for the default degrees (5, 4), else a fresh :func:`fit_relu_coefficients`).
-    ``version`` picks the safe denominator (module docstring). Elementwise, not in place. Given
+    (``RELU_INIT_*`` for the default degrees (5, 4) on the default ``init_range`` 3, i.e. [-3, 3];
+    else a fresh :func:`fit_relu_coefficients` on [-init_range, init_range]: a wider interval makes
+    the fit follow ReLU where a network's pre-activations really are, see the README's
+    ``cim_pau_init_range``). ``version`` picks the safe denominator (module docstring). Elementwise, not in place. Given
     ``*_init`` values are stored as float32 parameters (like any module; ``.double()`` converts).
     """
 
@@ -439,13 +447,16 @@ class PAU(nn.Module):
         version: str = "B",
         numerator_init=None,
         denominator_init=None,
+        init_range: float = DEFAULT_INIT_RANGE,
     ):
         super().__init__()
         if version not in ("A", "B"):
             raise ValueError(f"PAU version must be 'A' or 'B', got {version!r}")
+        if not float(init_range) > 0:
+            raise ValueError(f"PAU init_range must be > 0, got {init_range!r}")
         self.version = version
         if numerator_init is None or denominator_init is None:
-            num0, den0 = _relu_init(int(num_degree), int(den_degree))
+            num0, den0 = _relu_init(int(num_degree), int(den_degree), float(init_range))
             numerator_init = num0 if numerator_init is None else numerator_init
             denominator_init = den0 if denominator_init is None else denominator_init
         num = torch.as_tensor(numerator_init, dtype=torch.float32).detach().clone().reshape(-1)

@@ -89,6 +89,7 @@ class CIMParts:
             BilevelSettings(factor=cfg.downsample_factor, div_coef=cfg.div_coef, reg_coef=cfg.reg_coef,
                             max_phi_grad_norm=cfg.max_phi_grad_norm, mode=cfg.cim_bilevel),
             cfg.phi_lr, cfg.phi_weight_decay, cfg.cim_train_old_paus, reduce_grads=distributed.average_gradients,
+            pau_options={"init_range": cfg.cim_pau_init_range},
         )
         self.augmentation = ArtefactAugmentation(cfg.downsample_factor, cfg.cam_update_interval, cfg.randombbxblur_prob_incre)
         self.diagnostics = StoredDiagnostics()
