@@ -250,10 +250,11 @@ class CIMConfig:
         "with plain exemplars). See *FOSTER at the demo setting*")
     cim_pau_init_range: float = key(
         3.0, number_in(0.5, 100.0),
-        "the PAUs of φ start as a rational fit of ReLU on [−r, r] (the official code: r = 3); pre-activations "
-        "of a trained ResNet reach well past 3, where the r = 3 fit bends away from ReLU, so the untrained "
-        "branch's CAMs differ from the network's (cosine 0.86 on the iCaRL demo) and its boxes are looser; "
-        "r = 6 or 10 makes them agree (0.997). See *FOSTER at the demo setting*")
+        "φ's PAUs start as the official rational fit of ReLU on [−3, 3]; r ≠ 3 evaluates them as s·P(x/s), "
+        "s = r/3, i.e. the fit on [−r, r] with the same coefficients. Pre-activations of a trained ResNet "
+        "reach well past 3, where the r = 3 fit bends away from ReLU: the untrained branch's CAMs then "
+        "differ from the network's (cosine 0.86 on the iCaRL demo) and its boxes are looser; r = 10 makes "
+        "them agree (0.998). See *FOSTER at the demo setting*")
     cim_train_old_paus: bool = key(
         False, boolean,
         "DER/FOSTER: whether the PAUs of old backbones keep training (an explicit choice, not a side "

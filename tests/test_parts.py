@@ -162,8 +162,39 @@ def test_branch_trainer_builds_its_branch_with_the_pau_options():
     wide = BranchTrainer(BilevelSettings(factor=2), 0.01, 0.0, False, pau_options={"init_range": 6.0}).sync([net.convnet], "cpu")
     assert wide.pau_options["init_range"] == 6.0 and default.pau_options["init_range"] == 3.0
     site = wide.sites(0)[0]
-    assert wide.pau(0, site).numerator.tolist() == PAU(init_range=6.0).numerator.tolist()
-    assert wide.pau(0, site).numerator.tolist() != default.pau(0, site).numerator.tolist()
+    assert wide.pau(0, site).input_scale == PAU(init_range=6.0).input_scale == 2.0
+    assert default.pau(0, site).input_scale == 1.0
+
+
+def test_a_step_after_a_bad_update_sets_phi_back_to_before_it(monkeypatch):
+    # a finite step that makes the branch overflow only shows at the next step (its loss is NaN):
+    # skipping that step alone would keep the broken φ for good
+    from cim_plugin.core import branch_trainer
+
+    outcomes = iter([{"outer_ce": 1.0}, {"outer_ce": 1.0, "skipped": 1}, {"outer_ce": 1.0}])
+
+    def fake_step(*a, **k):
+        phi = a[7]
+        out = next(outcomes)
+        if not out.get("skipped"):
+            with torch.no_grad():
+                for p in phi:
+                    p.add_(1.0)  # an applied update
+        return out
+
+    monkeypatch.setattr(branch_trainer, "mask_step", fake_step)
+    net = TinyNet()
+    trainer = BranchTrainer(BilevelSettings(factor=2), phi_lr=0.01, phi_weight_decay=0.0, train_old=False)
+    branch = trainer.sync([net.convnet], "cpu")
+    start = [p.detach().clone() for p in branch.trainable_parameters()]
+    batches = lambda: iter(lambda: (torch.zeros(2, 3, S, S), torch.zeros(2, dtype=torch.int64)), None)  # noqa: E731
+    parts, skipped = trainer.train(net, [], None, None, batches, iters=2, stage_steps=6, inner_lr=0.05)
+    assert skipped == 1 and parts.get("rolled_back") == 1
+    for p, s0 in zip(branch.trainable_parameters(), start):
+        torch.testing.assert_close(p.detach(), s0)  # the first update undone
+    trainer.train(net, [], None, None, batches, iters=1, stage_steps=6, inner_lr=0.05)
+    for p, s0 in zip(branch.trainable_parameters(), start):
+        torch.testing.assert_close(p.detach(), s0 + 1.0)  # training goes on from there
 
 
 def test_branch_trainer_without_bilevel_is_inactive():

@@ -123,11 +123,24 @@ class BranchTrainer:
         stage, parts, skipped = self._stage, {}, 0
         for _ in range(iters):
             inner, outer = next(stage["batches"]), next(stage["batches"])
+            before = [p.detach().clone() for p in phi]
             parts = mask_step(net, theta, branch_fn, cil_loss, inner, outer, inner_lr, phi, stage["optimizer"], self.settings,
                               self.reduce_grads)
             stage["scheduler"].step()
             stage["steps"] += 1
-            skipped += parts.get("skipped", 0)
+            if parts.get("skipped", 0):
+                skipped += parts["skipped"]
+                # the step kept φ, but a non-finite loss can come from φ itself (an earlier update that
+                # made the branch overflow): back to φ before the last applied update, Adam's moments reset
+                if stage.get("last_good") is not None:
+                    with torch.no_grad():
+                        for p, good in zip(phi, stage["last_good"]):
+                            p.copy_(good)
+                    stage["optimizer"].state.clear()
+                    stage["last_good"] = None
+                    parts["rolled_back"] = 1
+            else:
+                stage["last_good"] = before
         return parts, skipped
 
     def state_dict(self) -> dict:

@@ -214,12 +214,10 @@ DEFAULT_INIT_RANGE = 3.0  # the official code's ReLU fit interval [-3, 3] (what 
 
 
 @functools.lru_cache(maxsize=None)
-def _relu_init(num_degree: int, den_degree: int, init_range: float = DEFAULT_INIT_RANGE
-               ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    if (num_degree, den_degree) == (len(RELU_INIT_NUMERATOR) - 1, len(RELU_INIT_DENOMINATOR)) \
-            and init_range == DEFAULT_INIT_RANGE:
+def _relu_init(num_degree: int, den_degree: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if (num_degree, den_degree) == (len(RELU_INIT_NUMERATOR) - 1, len(RELU_INIT_DENOMINATOR)):
         return RELU_INIT_NUMERATOR, RELU_INIT_DENOMINATOR
-    fit = fit_relu_coefficients(num_degree, den_degree, lo=-init_range, hi=init_range)
+    fit = fit_relu_coefficients(num_degree, den_degree)
     return fit.numerator, fit.denominator
 
 
@@ -433,10 +431,13 @@ class PAU(nn.Module):
     """Safe Padé activation unit with its own ``numerator`` [m+1] and ``denominator`` [n] parameters.
 
     One coefficient set per module (i.e. per activation site), initialised to the ReLU fit
-    (``RELU_INIT_*`` for the default degrees (5, 4) on the default ``init_range`` 3, i.e. [-3, 3];
-    else a fresh :func:`fit_relu_coefficients` on [-init_range, init_range]: a wider interval makes
-    the fit follow ReLU where a network's pre-activations really are, see the README's
-    ``cim_pau_init_range``). ``version`` picks the safe denominator (module docstring). Elementwise, not in place. Given
+    (``RELU_INIT_*`` for the default degrees (5, 4), else a fresh :func:`fit_relu_coefficients`),
+    both on [-3, 3]. ``init_range`` r ≠ 3 makes the unit follow ReLU on [-r, r] instead, as
+    ``s · P(x / s)`` with s = r / 3 and the *same* coefficients: ReLU is positively homogeneous, so
+    this is exactly the fit on [-r, r], while the parameters keep the scale the optimiser of φ is
+    tuned for. (Fitting [-r, r] directly shrinks the high-order coefficients by r^k: one Adam step
+    of lr 0.01 then changes them by orders of magnitude, and at r = 10 the first mask step already
+    made the branch overflow to NaN.) ``version`` picks the safe denominator (module docstring). Elementwise, not in place. Given
     ``*_init`` values are stored as float32 parameters (like any module; ``.double()`` converts).
     """
 
@@ -455,8 +456,9 @@ class PAU(nn.Module):
         if not float(init_range) > 0:
             raise ValueError(f"PAU init_range must be > 0, got {init_range!r}")
         self.version = version
+        self.input_scale = float(init_range) / DEFAULT_INIT_RANGE  # s in s · P(x / s)
         if numerator_init is None or denominator_init is None:
-            num0, den0 = _relu_init(int(num_degree), int(den_degree), float(init_range))
+            num0, den0 = _relu_init(int(num_degree), int(den_degree))
             numerator_init = num0 if numerator_init is None else numerator_init
             denominator_init = den0 if denominator_init is None else denominator_init
         num = torch.as_tensor(numerator_init, dtype=torch.float32).detach().clone().reshape(-1)
@@ -474,8 +476,13 @@ class PAU(nn.Module):
         return self.numerator.numel() - 1, self.denominator.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pau_function(x, self.numerator, self.denominator, self.version)
+        s = getattr(self, "input_scale", 1.0)  # PAUs pickled before init_range existed: 1
+        if s == 1.0:
+            return pau_function(x, self.numerator, self.denominator, self.version)
+        return pau_function(x / s, self.numerator, self.denominator, self.version) * s
 
     def extra_repr(self) -> str:
         m, n = self.degrees
-        return f"degrees=({m}, {n}), version={self.version!r}"
+        s = getattr(self, "input_scale", 1.0)
+        scale = "" if s == 1.0 else f", input_scale={s:g}"
+        return f"degrees=({m}, {n}), version={self.version!r}{scale}"

@@ -224,9 +224,10 @@ class CIMParts:
             parts, skipped = self.trainer.train(net, theta, self.branch_outputs, cil_loss_for(lrn), self._meta_batches,
                                                 iters, stage_steps, lr * cfg.lr_ratio)
         log.info("CIM mask steps: %d this epoch (%d in phase), %s", iters, self.trainer.steps,
-                 ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "skipped"))
+                 ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k not in ("skipped", "rolled_back")))
         if skipped:
-            log.warning("CIM mask steps: %d of %d skipped this epoch (non-finite loss or φ gradient); φ kept", skipped, iters)
+            log.warning("CIM mask steps: %d of %d skipped this epoch (non-finite loss or φ gradient): φ set back to "
+                        "before its last applied update, Adam's moments reset", skipped, iters)
 
     # -- artefact augmentation -----------------------------------------------------------------
     def refresh_boxes(self, epoch: int) -> None:
