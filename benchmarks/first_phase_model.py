@@ -46,7 +46,11 @@ def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit:
     net = ckpt.network_from_checkpoint(checkpoint, learner).eval()
     known = net.fc.weight.shape[0] if hasattr(net.fc, "weight") else None
     order = {int(c): i for i, c in enumerate(payload["class_order"])}
-    data = load_synthetic(SyntheticSpec(num_classes=len(order), image_size=size, train_per_class=60, test_per_class=20))
+    run = payload["run"]  # the run's own set: its colour mode and sizes (before 2026-12-02: class colours, 60 / 20)
+    data = load_synthetic(SyntheticSpec(num_classes=len(order), image_size=size,
+                                        train_per_class=int(run.get("synthetic_train_per_class", 60)),
+                                        test_per_class=int(run.get("synthetic_test_per_class", 20)),
+                                        colour=str(run.get("synthetic_colour", "class"))))
     x, y, b = (data.train_x, data.train_y, data.train_boxes) if split == "train" else (data.test_x, data.test_y, data.test_boxes)
     keep = [i for i, v in enumerate(y) if known is None or order[int(v)] < known][:limit]
     return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep])
