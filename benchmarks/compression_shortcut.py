@@ -19,19 +19,13 @@ from __future__ import annotations
 import argparse
 
 import first_phase_model
-import numpy as np
 import torch
 
-from cim_plugin.core.boxes import cam_to_boxes
-from cim_plugin.core.cam import class_activation_maps, normalize_cams
+from cim_plugin.core.boxes import box_area_fraction, cam_to_boxes
+from cim_plugin.core.cam import normalize_cams
 from cim_plugin.core.codec import downsample_factor
 from cim_plugin.core.memory import make_memory
-
-
-def predictions(net: torch.nn.Module, images: np.ndarray, batch: int = 64) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([net(first_phase_model.normalise(images[s: s + batch]))["logits"].argmax(1)
-                          for s in range(0, len(images), batch)])
+from cim_plugin.pycil.nets import cam_and_features
 
 
 def main(argv=None) -> None:
@@ -48,23 +42,25 @@ def main(argv=None) -> None:
     fp = first_phase_model.load(args.checkpoint, args.pycil, "test")
     net, images, labels = fp.net, fp.images, fp.labels
     size = images.shape[1]
-    s = downsample_factor(args.ratio)
-    with torch.no_grad():
-        last = torch.cat([net.convnet(first_phase_model.normalise(images[i: i + 64]))["fmaps"][-1]
-                          for i in range(0, len(images), 64)])
-        cams, degenerate = normalize_cams(class_activation_maps(last, net.fc.weight, labels))
-    boxes = cam_to_boxes(cams, (size, size), args.tau, s, degenerate)[0].numpy()
     if args.whole:
-        boxes = np.tile(np.array([[0, size, 0, size]], dtype=np.int64), (len(images), 1))
+        boxes = torch.tensor([[0, size, 0, size]], dtype=torch.int64).repeat(len(images), 1)
+    else:
+        x = first_phase_model.normalise(images)
+        with torch.no_grad():
+            cams = torch.cat([cam_and_features(net, xb, yb)[0] for xb, yb in zip(x.split(64), labels.split(64))])
+        norm, degenerate = normalize_cams(cams)
+        boxes = cam_to_boxes(norm, (size, size), args.tau, downsample_factor(args.ratio), degenerate)[0]
+    area = float(box_area_fraction(boxes, (size, size)).mean())
+    boxes = boxes.numpy()
     memory = make_memory(images.shape[1:], args.ratio, args.codec, args.quality)
     compressed = memory.reconstruct(images, boxes)
     print(f"{len(images)} test images, {args.old} old classes; memory: ratio {args.ratio:g}, {args.codec}"
-          f"{'' if args.codec == 'raw' else f' q{args.quality}'}, CAM boxes at τ {args.tau} "
-          f"(mean area {float(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).mean()) / size ** 2:.2f})")
+          f"{'' if args.codec == 'raw' else f' q{args.quality}'}, "
+          f"{'the whole image as the box' if args.whole else f'CAM boxes at τ {args.tau}'} (mean area {area:.2f})")
     print("| test images | as given | top-1 | predicted as an old class |\n|---|---|---|---|")
     for name, part in (("old classes", labels < args.old), ("new classes", labels >= args.old)):
-        for view, x in (("clean", images), ("compressed", compressed)):
-            pred = predictions(net, x[part.numpy()])
+        for view, shown in (("clean", images), ("compressed", compressed)):
+            pred = first_phase_model.predictions(net, shown[part.numpy()])
             top1 = 100.0 * float((pred == labels[part]).float().mean())
             old = 100.0 * float((pred < args.old).float().mean())
             print(f"| {name} | {view} | {top1:.1f} | {old:.1f} |")

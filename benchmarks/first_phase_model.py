@@ -56,8 +56,12 @@ def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit:
     return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep])
 
 
+def predictions(net: torch.nn.Module, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Predicted class of each uint8 image, normalised as PyCIL's synthetic set, in batches."""
+    with torch.no_grad():
+        return torch.cat([net(normalise(images[s: s + batch]))["logits"].argmax(1) for s in range(0, len(images), batch)])
+
+
 def top1(net: torch.nn.Module, images: np.ndarray, labels: torch.Tensor, batch: int = 64) -> float:
     """Top-1 (%) of ``net`` on uint8 ``images``, normalised as PyCIL's synthetic set, in batches."""
-    with torch.no_grad():
-        logits = torch.cat([net(normalise(images[s: s + batch]))["logits"] for s in range(0, len(images), batch)])
-    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+    return 100.0 * float((predictions(net, images, batch) == labels).float().mean())

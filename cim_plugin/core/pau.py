@@ -441,6 +441,8 @@ class PAU(nn.Module):
     ``*_init`` values are stored as float32 parameters (like any module; ``.double()`` converts).
     """
 
+    input_scale: float = 1.0  # s in s · P(x / s); the class value serves PAUs pickled before init_range
+
     def __init__(
         self,
         num_degree: int = 5,
@@ -456,7 +458,7 @@ class PAU(nn.Module):
         if not float(init_range) > 0:
             raise ValueError(f"PAU init_range must be > 0, got {init_range!r}")
         self.version = version
-        self.input_scale = float(init_range) / DEFAULT_INIT_RANGE  # s in s · P(x / s)
+        self.input_scale = float(init_range) / DEFAULT_INIT_RANGE
         if numerator_init is None or denominator_init is None:
             num0, den0 = _relu_init(int(num_degree), int(den_degree))
             numerator_init = num0 if numerator_init is None else numerator_init
@@ -476,13 +478,12 @@ class PAU(nn.Module):
         return self.numerator.numel() - 1, self.denominator.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = getattr(self, "input_scale", 1.0)  # PAUs pickled before init_range existed: 1
+        s = self.input_scale
         if s == 1.0:
             return pau_function(x, self.numerator, self.denominator, self.version)
         return pau_function(x / s, self.numerator, self.denominator, self.version) * s
 
     def extra_repr(self) -> str:
         m, n = self.degrees
-        s = getattr(self, "input_scale", 1.0)
-        scale = "" if s == 1.0 else f", input_scale={s:g}"
+        scale = "" if self.input_scale == 1.0 else f", input_scale={self.input_scale:g}"
         return f"degrees=({m}, {n}), version={self.version!r}{scale}"
