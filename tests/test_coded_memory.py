@@ -130,3 +130,15 @@ def test_codec_variants_run_and_report_through_the_ablation(tmp_path):
     table = written["aggregate.md"].read_text()
     assert [v for v in ("| off |", "| pau |", "| pau+jpeg |", "| mrdc |") if v not in table] == []
     assert table.index("| pau |") < table.index("| pau+jpeg |") < table.index("| mrdc |")
+
+
+def test_a_coded_state_round_trips_and_a_misaligned_box_is_refused_on_loading():
+    mem = make_memory((S, S, 3), 4.0, "jpeg", 50)
+    mem.add_class(0, images(4), np.repeat(BOXES, 4, axis=0))
+    state = mem.state_dict()
+    back = make_memory((S, S, 3), 4.0, "jpeg", 50)
+    back.load_state_dict(state)
+    np.testing.assert_array_equal(back.images(0), mem.images(0))
+    state["classes"][0]["boxes"][1] = [7, 20, 10, 22]  # off the s = 2 grid
+    with pytest.raises(ValueError, match="class 0 is inconsistent.*aligned"):
+        make_memory((S, S, 3), 4.0, "jpeg", 50).load_state_dict(state)

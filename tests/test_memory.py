@@ -115,6 +115,36 @@ def test_save_load_roundtrip_and_refusals(tmp_path):
     np.testing.assert_array_equal(back.images(1), mem.images(1))  # a failed load leaves it intact
 
 
+def test_a_state_whose_items_disagree_with_their_boxes_is_refused_on_loading():
+    """Reads during replay skip the per-item checks, so loading checks every item once: offsets
+    shifted between two items (the total unchanged) or a plain item of the wrong size are refused,
+    and the memory keeps what it held."""
+    mem = CompressedExemplarMemory((H, W, 3), 4.0)
+    mem.add_class(1, _images(4), _boxes(4))
+    state = mem.state_dict()
+    state["classes"][1]["offsets"][1] += 3  # item 0 three bytes longer, item 1 three shorter
+    back = CompressedExemplarMemory((H, W, 3), 4.0)
+    back.add_class(2, _images(2, 7), _boxes(2, 7))
+    with pytest.raises(ValueError, match="class 1 is inconsistent.*item 0 has"):
+        back.load_state_dict(state)
+    assert back.labels == [2] and len(back.images(2)) == 2
+    plain = ExemplarMemory((H, W, 3))
+    plain.add_class(0, _images(3))
+    pstate = plain.state_dict()
+    pstate["classes"][0]["offsets"][1] -= 1
+    with pytest.raises(ValueError, match="class 0 is inconsistent"):
+        ExemplarMemory((H, W, 3)).load_state_dict(pstate)
+
+
+def test_exemplar_indices_out_of_range_are_refused_not_wrapped():
+    mem = CompressedExemplarMemory((H, W, 3), 4.0)
+    mem.add_class(0, _images(3), _boxes(3))
+    np.testing.assert_array_equal(mem.images(0, [2]), mem.images(0)[2:3])
+    for bad in ([-1], [3], [0, 5]):
+        with pytest.raises(IndexError, match=r"\[0, 3\)"):
+            mem.images(0, bad)
+
+
 def test_wrong_images_are_refused_with_shape_in_message():
     mem = CompressedExemplarMemory((H, W, 3), 4.0)
     with pytest.raises(ValueError, match="uint8"):

@@ -390,6 +390,29 @@ def encode_batch(
     return payload.astype(np.uint8, copy=False), offsets
 
 
+def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in shape):
+        raise ValueError(f"image_shape must be (H, W, C) positive integers, got {image_shape!r}")
+    return tuple(int(v) for v in shape)  # type: ignore[return-value]
+
+
+def _decode_one(data: np.ndarray, box: Sequence[int], shape: tuple[int, int, int], s: int) -> np.ndarray:
+    """numpy only, no checks: ``data`` is one item's payload, ``box`` aligned and of its size."""
+    height, width, channels = shape
+    y0, y1, x0, x1 = (int(v) for v in box)
+    box_h, box_w = max(y1 - y0, 0), max(x1 - x0, 0)
+    n_box = box_h * box_w * channels if box_h and box_w else 0
+    grid = (math.ceil(height / s), math.ceil(width / s))
+    low = np.zeros((*grid, channels), dtype=np.uint8)
+    outside = ~_grid_inside(np.array([[y0, y1, x0, x1]]), grid, s)[0]
+    low[outside] = data[n_box:].reshape(-1, channels)
+    out = low[np.arange(height) // s][:, np.arange(width) // s]
+    if n_box:
+        out[y0:y1, x0:x1] = data[:n_box].reshape(box_h, box_w, channels)
+    return out
+
+
 def decode(
     payload_item: np.ndarray,
     box: ArrayOrTensor | Sequence[int],
@@ -400,10 +423,7 @@ def decode(
 
     Equals ``blend_compress`` of the original image; the box pixels are the original bytes.
     """
-    shape = tuple(image_shape)
-    if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in shape):
-        raise ValueError(f"image_shape must be (H, W, C) positive integers, got {image_shape!r}")
-    height, width, channels = (int(v) for v in shape)
+    height, width, channels = shape = _check_image_shape(image_shape)
     s = check_factor(s)
     box_t = check_boxes(_as_box_tensor(box, "box").reshape(1, -1), (height, width), "box")
     _check_aligned(box_t, (height, width), s, "box")
@@ -416,17 +436,51 @@ def decode(
             f"payload_item has {data.shape[0]} bytes but box {box_t[0].tolist()} of an image "
             f"{(height, width, channels)} at s={s} needs {expected}"
         )
-    y0, y1, x0, x1 = (int(v) for v in box_t[0])
-    box_h, box_w = max(y1 - y0, 0), max(x1 - x0, 0)
-    n_box = box_h * box_w * channels if box_h and box_w else 0
+    return _decode_one(data, box_t[0].tolist(), shape, s)
 
-    grid = (math.ceil(height / s), math.ceil(width / s))
-    low = np.zeros((*grid, channels), dtype=np.uint8)
-    outside = ~_grid_inside(box_t.numpy(), grid, s)[0]
-    low[outside] = data[n_box:].reshape(-1, channels)
-    out = low[np.arange(height) // s][:, np.arange(width) // s]
-    if n_box:
-        out[y0:y1, x0:x1] = data[:n_box].reshape(box_h, box_w, channels)
+
+def check_encoded(
+    payload: np.ndarray, offsets: np.ndarray, boxes: ArrayOrTensor, image_shape: Sequence[int], s: int
+) -> None:
+    """Raise ``ValueError`` unless ``payload`` / ``offsets`` / ``boxes`` are a consistent
+    ``encode_batch`` result for ``image_shape`` at ``s`` (uint8 payload, offsets rising from 0 to its
+    length, valid aligned boxes, each item exactly its box's size). One vectorised pass: a memory
+    checks what it loads once, then decodes with ``decode_items`` without re-checking per read."""
+    height, width, channels = _check_image_shape(image_shape)
+    s = check_factor(s)
+    payload, offsets = np.asarray(payload), np.asarray(offsets)
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise ValueError(f"payload must be a 1-D uint8 array, got {payload.dtype} of shape {payload.shape}")
+    box_t = check_boxes(_as_box_tensor(boxes), (height, width))
+    _check_aligned(box_t, (height, width), s)
+    if offsets.ndim != 1 or offsets.shape[0] != box_t.shape[0] + 1:
+        raise ValueError(
+            f"offsets must be [B + 1] = [{box_t.shape[0] + 1}] for {box_t.shape[0]} boxes, got shape {offsets.shape}"
+        )
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(payload):
+        raise ValueError(
+            f"offsets must rise from 0 to len(payload)={len(payload)}, got [{offsets[0]}, ..., {offsets[-1]}]"
+        )
+    sizes = np.diff(offsets)
+    expected = _stored_pixels(box_t, (height, width), s).numpy() * channels
+    wrong = np.flatnonzero(sizes != expected)
+    if wrong.size:
+        i = int(wrong[0])
+        raise ValueError(
+            f"item {i} has {int(sizes[i])} bytes but box {box_t[i].tolist()} of an image "
+            f"{(height, width, channels)} at s={s} needs {int(expected[i])}"
+        )
+
+
+def decode_items(
+    payload: np.ndarray, offsets: np.ndarray, boxes: np.ndarray, indices: np.ndarray,
+    image_shape: tuple[int, int, int], s: int,
+) -> np.ndarray:
+    """``decode_batch`` without its checks, numpy only: for stores already checked with
+    ``check_encoded`` (or made by ``encode_batch``), read once per replayed item."""
+    out = np.empty((len(indices), *image_shape), dtype=np.uint8)
+    for k, i in enumerate(indices):
+        out[k] = _decode_one(payload[offsets[i] : offsets[i + 1]], boxes[i], image_shape, s)
     return out
 
 
@@ -439,24 +493,10 @@ def decode_batch(
     s: int,
 ) -> np.ndarray:
     """Decode items ``indices`` (all when None) of an ``encode_batch`` payload: uint8 ``[n, H, W, C]``."""
-    offsets = np.asarray(offsets)
-    box_t = _as_box_tensor(boxes)
-    if offsets.ndim != 1 or offsets.shape[0] != box_t.shape[0] + 1:
-        raise ValueError(
-            f"offsets must be [B + 1] = [{box_t.shape[0] + 1}] for {box_t.shape[0]} boxes, got shape {offsets.shape}"
-        )
-    if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(payload):
-        raise ValueError(
-            f"offsets must rise from 0 to len(payload)={len(payload)}, got [{offsets[0]}, ..., {offsets[-1]}]"
-        )
-    idx = np.arange(box_t.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= box_t.shape[0]):
-        raise ValueError(f"indices must lie in [0, {box_t.shape[0]}), got range [{idx.min()}, {idx.max()}]")
-    shape = tuple(image_shape)
-    if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in shape):
-        raise ValueError(f"image_shape must be (H, W, C) positive integers, got {image_shape!r}")
-    shape = tuple(int(v) for v in shape)
-    out = np.empty((idx.size, *shape), dtype=np.uint8)
-    for k, i in enumerate(idx):
-        out[k] = decode(payload[offsets[i] : offsets[i + 1]], box_t[i], shape, s)
-    return out
+    check_encoded(payload, offsets, boxes, image_shape, s)
+    n = len(np.asarray(offsets)) - 1
+    idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
+    boxes_np = _as_box_tensor(boxes).numpy()
+    return decode_items(np.asarray(payload), np.asarray(offsets), boxes_np, idx, _check_image_shape(image_shape), check_factor(s))

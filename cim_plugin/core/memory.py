@@ -217,6 +217,8 @@ class ExemplarMemory:
         idx = np.arange(len(store)) if indices is None else np.asarray(indices, dtype=np.int64)
         if len(idx) == 0:
             return np.zeros((0, *self.image_shape), dtype=np.uint8)
+        if idx.min() < 0 or idx.max() >= len(store):
+            raise IndexError(f"exemplar indices of class {label} must lie in [0, {len(store)}), got [{idx.min()}, {idx.max()}]")
         return self._decode(store, idx)
 
     def item(self, index: int) -> tuple[np.ndarray, int]:
@@ -296,9 +298,19 @@ class ExemplarMemory:
             if (store.boxes.shape != (n, 4) or store.offsets.shape != (n + 1,) or store.offsets[-1] != len(store.payload)
                     or store.aspects.shape != (n,)):
                 raise ValueError(f"memory state of class {label} is inconsistent (corrupt?)")
+            try:
+                self._check_store(store)
+            except ValueError as err:
+                raise ValueError(f"memory state of class {label} is inconsistent (corrupt?): {err}") from err
             classes[int(label)] = store
         self._classes = classes
         self._index = None
+
+    def _check_store(self, store: ClassExemplars) -> None:
+        """Raise ``ValueError`` unless a loaded class's items are what ``_decode`` reads: checked
+        once on loading, so reads during replay need no checks of their own."""
+        if np.any(np.diff(store.offsets) != self.full_exemplar_bytes) or (len(store.offsets) and store.offsets[0] != 0):
+            raise ValueError(f"every plain exemplar must hold {self.full_exemplar_bytes} bytes")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` (.npz) atomically: a temporary file in the same folder, then rename."""
@@ -357,8 +369,13 @@ class CompressedExemplarMemory(ExemplarMemory):
             return np.zeros(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
         return codec.encode_batch(images, boxes, self.factor)
 
+    def _check_store(self, store: ClassExemplars) -> None:
+        codec.check_encoded(store.payload, store.offsets, store.boxes, self.image_shape, self.factor)
+
     def _decode(self, store: ClassExemplars, indices: np.ndarray) -> np.ndarray:
-        return codec.decode_batch(store.payload, store.offsets, store.boxes, indices, self.image_shape, self.factor)
+        # the store was made by encode_batch or checked on loading: no per-read checks (replay
+        # reads one item per call, and the checks cost ten times the copy)
+        return codec.decode_items(store.payload, store.offsets, store.boxes, indices, self.image_shape, self.factor)
 
 
 class CodedExemplarMemory(CompressedExemplarMemory):
@@ -385,6 +402,15 @@ class CodedExemplarMemory(CompressedExemplarMemory):
         """Per-exemplar bookkeeping plus the JPEG tables shared by every stored file."""
         shared = len(pixel_codec.jpeg_tables(self.quality)) if self.codec == "jpeg" and len(self) else 0
         return super().metadata_bytes() + shared
+
+    def _check_store(self, store: ClassExemplars) -> None:
+        # coded items have their own sizes; the box geometry and the offsets are still checked
+        h, w, _ = self.image_shape
+        boxes = codec.check_boxes(torch.as_tensor(store.boxes, dtype=torch.int64), (h, w))
+        if not bool(codec.is_aligned(boxes, (h, w), self.factor).all()):
+            raise ValueError(f"boxes are not aligned to the s={self.factor} grid")
+        if len(store.offsets) and (store.offsets[0] != 0 or np.any(np.diff(store.offsets) < self.HEADER)):
+            raise ValueError(f"offsets must start at 0 and every item hold at least its {self.HEADER}-byte header")
 
     def _encode_item(self, image: np.ndarray, box: np.ndarray) -> bytes:
         y0, y1, x0, x1 = (int(v) for v in box)
