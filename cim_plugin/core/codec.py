@@ -55,6 +55,16 @@ def _stored_pixels(boxes: torch.Tensor, image_size: tuple[int, int], s: int) -> 
     return area + cells - _inside_counts(boxes, s)
 
 
+def check_aligned_boxes(
+    boxes: ArrayOrTensor | Sequence[int], image_size: tuple[int, int], s: int, name: str = "boxes"
+) -> torch.Tensor:
+    """int64 ``[B, 4]`` CPU tensor of ``boxes`` (tensor, array or nested ints), checked as valid
+    boxes of ``image_size`` aligned to the ``s`` grid; ``ValueError`` naming ``name`` otherwise."""
+    boxes = check_boxes(_as_box_tensor(boxes, name), image_size, name)
+    _check_aligned(boxes, image_size, s, name)
+    return boxes
+
+
 def _check_aligned(boxes: torch.Tensor, image_size: tuple[int, int], s: int, name: str = "boxes") -> None:
     ok = is_aligned(boxes, image_size, s)
     if not bool(ok.all()):
@@ -74,8 +84,7 @@ def exemplar_cost(boxes: torch.Tensor, image_size: Sequence[int], s: int) -> tor
     """
     size = check_image_size(image_size)
     s = check_factor(s)
-    boxes = check_boxes(boxes, size)
-    _check_aligned(boxes, size, s)
+    boxes = check_aligned_boxes(boxes, size, s)
     return _stored_pixels(boxes, size, s).to(torch.float64) / float(size[0] * size[1])
 
 
@@ -342,6 +351,23 @@ def _check_hwc_images(images: np.ndarray) -> tuple[int, int, int, int]:
     return batch, height, width, channels
 
 
+def _item_masks(boxes: np.ndarray, image_size: tuple[int, int], s: int) -> tuple[np.ndarray, np.ndarray]:
+    """What an item stores, as Bool masks: the box's pixels ``[B, H, W]`` (row-major: the crop's
+    byte order) and the low-resolution cells outside the box ``[B, ceil(H/s), ceil(W/s)]``."""
+    height, width = image_size
+    in_rows = (np.arange(height) >= boxes[:, 0:1]) & (np.arange(height) < boxes[:, 1:2])
+    in_cols = (np.arange(width) >= boxes[:, 2:3]) & (np.arange(width) < boxes[:, 3:4])
+    grid = (math.ceil(height / s), math.ceil(width / s))
+    return in_rows[:, :, None] & in_cols[:, None, :], ~_grid_inside(boxes, grid, s)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(start, start + length)`` for every pair, without a Python loop."""
+    lengths = lengths.astype(np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(starts.astype(np.int64) - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+
+
 def _grid_inside(boxes: np.ndarray, grid: tuple[int, int], s: int) -> np.ndarray:
     """Bool ``[B, ceil(H/s), ceil(W/s)]``: low-res cell (i, j) has ``y0 <= i*s < y1`` and ``x0 <= j*s < x1``."""
     gy = np.arange(grid[0]) * s
@@ -363,19 +389,12 @@ def encode_batch(
     """
     batch, height, width, channels = _check_hwc_images(images)
     s = check_factor(s)
-    box_t = check_boxes(_as_box_tensor(boxes), (height, width))
-    if box_t.shape[0] != batch:
-        raise ValueError(f"boxes has B={box_t.shape[0]} rows but images has B={batch}")
-    _check_aligned(box_t, (height, width), s)
-    box_np = box_t.numpy()
+    box_np = check_aligned_boxes(boxes, (height, width), s).numpy()
+    if box_np.shape[0] != batch:
+        raise ValueError(f"boxes has B={box_np.shape[0]} rows but images has B={batch}")
 
     low = images[:, ::s, ::s, :]  # [B, hl, wl, C], whole batch at once
-    outside = ~_grid_inside(box_np, low.shape[1:3], s)
-    ys = np.arange(height)
-    xs = np.arange(width)
-    in_rows = (ys >= box_np[:, 0:1]) & (ys < box_np[:, 1:2])
-    in_cols = (xs >= box_np[:, 2:3]) & (xs < box_np[:, 3:4])
-    inside_px = in_rows[:, :, None] & in_cols[:, None, :]
+    inside_px, outside = _item_masks(box_np, (height, width), s)
 
     box_bytes = images[inside_px].reshape(-1)  # items in order, each crop row-major HWC
     low_bytes = low[outside].reshape(-1)  # items in order, each row-major over the grid
@@ -397,62 +416,21 @@ def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(v) for v in shape)  # type: ignore[return-value]
 
 
-def _decode_one(data: np.ndarray, box: Sequence[int], shape: tuple[int, int, int], s: int) -> np.ndarray:
-    """numpy only, no checks: ``data`` is one item's payload, ``box`` aligned and of its size."""
-    height, width, channels = shape
-    y0, y1, x0, x1 = (int(v) for v in box)
-    box_h, box_w = max(y1 - y0, 0), max(x1 - x0, 0)
-    n_box = box_h * box_w * channels if box_h and box_w else 0
-    grid = (math.ceil(height / s), math.ceil(width / s))
-    low = np.zeros((*grid, channels), dtype=np.uint8)
-    outside = ~_grid_inside(np.array([[y0, y1, x0, x1]]), grid, s)[0]
-    low[outside] = data[n_box:].reshape(-1, channels)
-    out = low[np.arange(height) // s][:, np.arange(width) // s]
-    if n_box:
-        out[y0:y1, x0:x1] = data[:n_box].reshape(box_h, box_w, channels)
-    return out
-
-
-def decode(
-    payload_item: np.ndarray,
-    box: ArrayOrTensor | Sequence[int],
-    image_shape: Sequence[int],
-    s: int,
-) -> np.ndarray:
-    """Rebuild one uint8 image ``[H, W, C]`` from its payload slice and aligned ``box`` ``(y0, y1, x0, x1)``.
-
-    Equals ``blend_compress`` of the original image; the box pixels are the original bytes.
-    """
-    height, width, channels = shape = _check_image_shape(image_shape)
-    s = check_factor(s)
-    box_t = check_boxes(_as_box_tensor(box, "box").reshape(1, -1), (height, width), "box")
-    _check_aligned(box_t, (height, width), s, "box")
-    data = np.asarray(payload_item)
-    if data.dtype != np.uint8 or data.ndim != 1:
-        raise ValueError(f"payload_item must be a 1-D uint8 array, got {data.dtype} of shape {data.shape}")
-    expected = int(_stored_pixels(box_t, (height, width), s)[0]) * channels
-    if data.shape[0] != expected:
-        raise ValueError(
-            f"payload_item has {data.shape[0]} bytes but box {box_t[0].tolist()} of an image "
-            f"{(height, width, channels)} at s={s} needs {expected}"
-        )
-    return _decode_one(data, box_t[0].tolist(), shape, s)
-
-
 def check_encoded(
-    payload: np.ndarray, offsets: np.ndarray, boxes: ArrayOrTensor, image_shape: Sequence[int], s: int
-) -> None:
-    """Raise ``ValueError`` unless ``payload`` / ``offsets`` / ``boxes`` are a consistent
-    ``encode_batch`` result for ``image_shape`` at ``s`` (uint8 payload, offsets rising from 0 to its
-    length, valid aligned boxes, each item exactly its box's size). One vectorised pass: a memory
-    checks what it loads once, then decodes with ``decode_items`` without re-checking per read."""
-    height, width, channels = _check_image_shape(image_shape)
+    payload: np.ndarray, offsets: np.ndarray, boxes: ArrayOrTensor, image_shape: Sequence[int], s: int,
+    name: str = "payload",
+) -> tuple[np.ndarray, tuple[int, int, int], int]:
+    """Check that ``payload`` / ``offsets`` / ``boxes`` are a consistent ``encode_batch`` result for
+    ``image_shape`` at ``s`` (uint8 payload, offsets rising from 0 to its length, valid aligned
+    boxes, each item exactly its box's size) in one vectorised pass; ``ValueError`` naming ``name``
+    otherwise. Returns the boxes (int64 numpy), the shape and ``s`` as ``decode_items`` takes them:
+    a memory checks what it loads once, then reads without re-checking."""
+    height, width, channels = shape = _check_image_shape(image_shape)
     s = check_factor(s)
     payload, offsets = np.asarray(payload), np.asarray(offsets)
     if payload.dtype != np.uint8 or payload.ndim != 1:
-        raise ValueError(f"payload must be a 1-D uint8 array, got {payload.dtype} of shape {payload.shape}")
-    box_t = check_boxes(_as_box_tensor(boxes), (height, width))
-    _check_aligned(box_t, (height, width), s)
+        raise ValueError(f"{name} must be a 1-D uint8 array, got {payload.dtype} of shape {payload.shape}")
+    box_t = check_aligned_boxes(boxes, (height, width), s)
     if offsets.ndim != 1 or offsets.shape[0] != box_t.shape[0] + 1:
         raise ValueError(
             f"offsets must be [B + 1] = [{box_t.shape[0] + 1}] for {box_t.shape[0]} boxes, got shape {offsets.shape}"
@@ -467,21 +445,47 @@ def check_encoded(
     if wrong.size:
         i = int(wrong[0])
         raise ValueError(
-            f"item {i} has {int(sizes[i])} bytes but box {box_t[i].tolist()} of an image "
+            f"{name} item {i} has {int(sizes[i])} bytes but box {box_t[i].tolist()} of an image "
             f"{(height, width, channels)} at s={s} needs {int(expected[i])}"
         )
+    return box_t.numpy(), shape, s
 
 
 def decode_items(
     payload: np.ndarray, offsets: np.ndarray, boxes: np.ndarray, indices: np.ndarray,
     image_shape: tuple[int, int, int], s: int,
 ) -> np.ndarray:
-    """``decode_batch`` without its checks, numpy only: for stores already checked with
-    ``check_encoded`` (or made by ``encode_batch``), read once per replayed item."""
-    out = np.empty((len(indices), *image_shape), dtype=np.uint8)
-    for k, i in enumerate(indices):
-        out[k] = _decode_one(payload[offsets[i] : offsets[i + 1]], boxes[i], image_shape, s)
+    """uint8 ``[n, H, W, C]``: items ``indices`` of an ``encode_batch`` payload, whole batch at once
+    (the inverse of ``encode_batch``'s masks), without checks: for stores made by ``encode_batch``
+    or checked with ``check_encoded``. Equals ``blend_compress`` of the originals."""
+    height, width, channels = image_shape
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    box_np = np.asarray(boxes, dtype=np.int64)[idx]
+    inside_px, outside = _item_masks(box_np, (height, width), s)
+    starts, sizes = offsets[idx], offsets[idx + 1] - offsets[idx]
+    n_box = inside_px.sum(axis=(1, 2)) * channels
+    low = np.zeros((len(idx), *outside.shape[1:], channels), dtype=np.uint8)
+    low[outside] = payload[_ranges(starts + n_box, sizes - n_box)].reshape(-1, channels)
+    out = low[:, np.arange(height) // s][:, :, np.arange(width) // s]
+    out[inside_px] = payload[_ranges(starts, n_box)].reshape(-1, channels)
     return out
+
+
+def decode(
+    payload_item: np.ndarray,
+    box: ArrayOrTensor | Sequence[int],
+    image_shape: Sequence[int],
+    s: int,
+) -> np.ndarray:
+    """Rebuild one uint8 image ``[H, W, C]`` from its payload slice and aligned ``box`` ``(y0, y1, x0, x1)``.
+
+    Equals ``blend_compress`` of the original image; the box pixels are the original bytes.
+    """
+    data = np.asarray(payload_item)
+    offsets = np.array([0, data.size])
+    boxes = _as_box_tensor(box, "box").reshape(1, -1)
+    box_np, shape, s = check_encoded(data, offsets, boxes, image_shape, s, "payload_item")
+    return decode_items(data, offsets, box_np, np.zeros(1, dtype=np.int64), shape, s)[0]
 
 
 def decode_batch(
@@ -493,10 +497,9 @@ def decode_batch(
     s: int,
 ) -> np.ndarray:
     """Decode items ``indices`` (all when None) of an ``encode_batch`` payload: uint8 ``[n, H, W, C]``."""
-    check_encoded(payload, offsets, boxes, image_shape, s)
-    n = len(np.asarray(offsets)) - 1
+    box_np, shape, s = check_encoded(payload, offsets, boxes, image_shape, s)
+    n = box_np.shape[0]
     idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(f"indices must lie in [0, {n}), got range [{idx.min()}, {idx.max()}]")
-    boxes_np = _as_box_tensor(boxes).numpy()
-    return decode_items(np.asarray(payload), np.asarray(offsets), boxes_np, idx, _check_image_shape(image_shape), check_factor(s))
+    return decode_items(np.asarray(payload), np.asarray(offsets), box_np, idx, shape, s)

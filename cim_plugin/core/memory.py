@@ -373,8 +373,7 @@ class CompressedExemplarMemory(ExemplarMemory):
         codec.check_encoded(store.payload, store.offsets, store.boxes, self.image_shape, self.factor)
 
     def _decode(self, store: ClassExemplars, indices: np.ndarray) -> np.ndarray:
-        # the store was made by encode_batch or checked on loading: no per-read checks (replay
-        # reads one item per call, and the checks cost ten times the copy)
+        # the store was made by encode_batch or checked on loading (_check_store): no per-read checks
         return codec.decode_items(store.payload, store.offsets, store.boxes, indices, self.image_shape, self.factor)
 
 
@@ -405,10 +404,7 @@ class CodedExemplarMemory(CompressedExemplarMemory):
 
     def _check_store(self, store: ClassExemplars) -> None:
         # coded items have their own sizes; the box geometry and the offsets are still checked
-        h, w, _ = self.image_shape
-        boxes = codec.check_boxes(torch.as_tensor(store.boxes, dtype=torch.int64), (h, w))
-        if not bool(codec.is_aligned(boxes, (h, w), self.factor).all()):
-            raise ValueError(f"boxes are not aligned to the s={self.factor} grid")
+        codec.check_aligned_boxes(store.boxes, self.image_shape[:2], self.factor)
         if len(store.offsets) and (store.offsets[0] != 0 or np.any(np.diff(store.offsets) < self.HEADER)):
             raise ValueError(f"offsets must start at 0 and every item hold at least its {self.HEADER}-byte header")
 
