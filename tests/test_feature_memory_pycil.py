@@ -17,7 +17,7 @@ from pycil_checkout import require_pycil_root
 
 PYCIL_ROOT = require_pycil_root()
 
-from test_net_skeleton import pycil, run  # noqa: E402,F401 (pycil: the fixture of PyCIL's modules from the clone)
+from test_net_skeleton import pycil, resume_after_losing_last_file, run  # noqa: E402,F401 (pycil: the fixture of PyCIL's modules from the clone)
 
 pytestmark = pytest.mark.pycil
 
@@ -72,30 +72,12 @@ def test_feature_memory_counts_bytes_rehearses_and_reports_drift(pycil, tmp_path
 
 
 def test_resume_restores_the_feature_memory_bit_exactly(pycil, tmp_path, one_thread):
-    args = args_of(pycil, tmp_path, "icarl", cim_checkpoint=True)
-    folder = ckpt.checkpoint_dir(args)
-    digests = {}
-
-    def trained(model, dm, task):
-        saved = torch.load(folder / f"task_{task}.pt", weights_only=True)  # the file reads without unpickling
-        digests[task] = saved["digest"]
-        plugin = ckpt.decode(saved["plugin"])
+    def check(plugin, task):
         assert plugin["memory"]["dtype"] == "float16" and len(plugin["memory"]["classes"]) == (5, 7)[task]
         assert (plugin["adapter"] is None) == (task == 0)
 
-    run(pycil, args, trained)
-    (folder / "task_1.pt").unlink()  # what a run killed in its last phase leaves
-    restored = {}
-
-    def resumed(model, dm, task):
-        if task == 0:
-            assert model._ckpt_resuming and model._ckpt_payload(dm)["digest"] == digests[0]
-            restored["vectors"] = len(model.cim.memory)
-        restored[task] = True
-
-    run(pycil, {**args, "cim_resume": True}, resumed)
-    assert restored == {"vectors": 5 * 6, 0: True, 1: True}
-    assert torch.load(folder / "task_1.pt", weights_only=True)["digest"] == digests[1]  # retrained: bit-identical
+    args = args_of(pycil, tmp_path, "icarl", cim_checkpoint=True)
+    assert resume_after_losing_last_file(pycil, args, check) == 5 * 6  # vectors of phase 0
 
 
 def test_torchrun_and_other_learners_are_refused(monkeypatch):

@@ -83,6 +83,38 @@ def run(pycil, args: dict, after_phase) -> None:
     hook.after_run(learner, args)
 
 
+def resume_after_losing_last_file(pycil, args: dict, check_saved) -> int:
+    """Runs ``args`` (with ``cim_checkpoint``) calling ``check_saved(plugin_state, task)`` on each saved
+    phase, deletes the last phase's file (what a run killed in its last phase leaves), resumes, and
+    asserts the resumed run loaded phase 0 and retrained phase 1 to the same state digest. Returns the
+    size of the memory restored from phase 0."""
+    import torch
+    from cim_plugin.pycil import checkpoint as ckpt
+
+    folder = ckpt.checkpoint_dir(args)
+    digests = {}
+
+    def trained(model, dm, task):
+        saved = torch.load(folder / f"task_{task}.pt", weights_only=True)  # the file reads without unpickling
+        digests[task] = saved["digest"]
+        check_saved(ckpt.decode(saved["plugin"]), task)
+
+    run(pycil, args, trained)
+    (folder / "task_1.pt").unlink()
+    restored = {}
+
+    def resumed(model, dm, task):
+        if task == 0:
+            assert model._ckpt_resuming and model._ckpt_payload(dm)["digest"] == digests[0]
+            restored["memory"] = len(model.cim.memory)
+        restored[task] = True
+
+    run(pycil, {**args, "cim_resume": True}, resumed)
+    assert restored.keys() == {"memory", 0, 1}
+    assert torch.load(folder / "task_1.pt", weights_only=True)["digest"] == digests[1]  # retrained: bit-identical
+    return restored["memory"]
+
+
 def networks(learner) -> dict[str, nn.Module]:
     return {name: v for name, v in vars(learner).items() if isinstance(v, nn.Module)}
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .choices import FEATURE_DTYPES
-from .memory import RankedClassLists, budget_figures
+from .memory import RankedClassLists, fixed_cost_summary
 
 #: Version of the state_dict layout; bump when it changes.
 FORMAT_VERSION = 1
@@ -120,28 +120,7 @@ class FeatureMemory(RankedClassLists):
 
     def summary(self, units_per_class: float | None = None, num_classes: int | None = None) -> dict:
         """Figures for logs and results files, with the same keys as the image memory's."""
-        counts = self.counts()
-        n = len(self)
-        out = {
-            "kind": self.kind,
-            "exemplars": n,
-            "exemplars_per_class": {str(k): v for k, v in counts.items()},
-            "mean_exemplars_per_class": float(np.mean(list(counts.values()))) if counts else 0.0,
-            "units_used": round(self.units_used(), 6),
-            "mean_cost": round(self.item_bytes / self.full_exemplar_bytes, 6) if n else None,
-            "mean_box_area": None,
-            "bytes_used": self.bytes_used(),
-            "bytes_per_exemplar": {"mean": float(self.item_bytes), "min": self.item_bytes, "max": self.item_bytes} if n else None,
-            "metadata_bytes": self.metadata_bytes(),
-            "full_exemplar_bytes": self.full_exemplar_bytes,
-            "storage_shape": None if self.storage_shape is None else list(self.storage_shape),
-            "feature_dim": self.dim,
-            "feature_dtype": self.dtype,
-        }
-        if units_per_class is not None:
-            out.update(budget_figures(units_per_class, len(counts) if num_classes is None else num_classes,
-                                      self.full_exemplar_bytes))
-        return out
+        return {**fixed_cost_summary(self, units_per_class, num_classes), "feature_dim": self.dim, "feature_dtype": self.dtype}
 
     # -- persistence ---------------------------------------------------------------------------
     def meta(self) -> dict:

@@ -37,6 +37,32 @@ def budget_figures(units_per_class: float, num_classes: int, full_exemplar_bytes
             "budget_bytes": int(units_per_class * num_classes * full_exemplar_bytes)}
 
 
+def fixed_cost_summary(memory, units_per_class: float | None, num_classes: int | None) -> dict:
+    """The summary keys every memory reports, for a memory whose items all cost ``memory.item_bytes``
+    (feature vectors, PCA codes): counts, units, bytes and the budget, as the image memory names them."""
+    counts = memory.counts()
+    n = len(memory)
+    out = {
+        "kind": memory.kind,
+        "exemplars": n,
+        "exemplars_per_class": {str(k): v for k, v in counts.items()},
+        "mean_exemplars_per_class": float(np.mean(list(counts.values()))) if counts else 0.0,
+        "units_used": round(memory.units_used(), 6),
+        "mean_cost": round(memory.item_bytes / memory.full_exemplar_bytes, 6) if n else None,
+        "mean_box_area": None,
+        "bytes_used": memory.bytes_used(),
+        "bytes_per_exemplar": {"mean": memory.bytes_used() / n, "min": memory.item_bytes, "max": memory.item_bytes}
+        if n else None,
+        "metadata_bytes": memory.metadata_bytes(),
+        "full_exemplar_bytes": memory.full_exemplar_bytes,
+        "storage_shape": None if memory.storage_shape is None else list(memory.storage_shape),
+    }
+    if units_per_class is not None:
+        out.update(budget_figures(units_per_class, len(counts) if num_classes is None else num_classes,
+                                  memory.full_exemplar_bytes))
+    return out
+
+
 @dataclass
 class ClassExemplars:
     """One class's ranked exemplars, packed: item i is ``payload[offsets[i]:offsets[i+1]]``."""

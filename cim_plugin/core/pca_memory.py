@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .feature_pca import PCACode, code_bytes, decode
-from .memory import RankedClassLists, budget_figures
+from .memory import RankedClassLists, fixed_cost_summary
 
 #: Version of the state_dict layout; bump when it changes.
 FORMAT_VERSION = 1
@@ -139,31 +139,9 @@ class PCAMemory(RankedClassLists):
 
     def summary(self, units_per_class: float | None = None, num_classes: int | None = None) -> dict:
         """Figures for logs and results files, with the same keys as the image memory's."""
-        counts = self.counts()
-        n = len(self)
-        c, h, w = self.map_shape
-        out = {
-            "kind": self.kind,
-            "exemplars": n,
-            "exemplars_per_class": {str(k): v for k, v in counts.items()},
-            "mean_exemplars_per_class": float(np.mean(list(counts.values()))) if counts else 0.0,
-            "units_used": round(self.units_used(), 6),
-            "mean_cost": round(self.item_bytes / self.full_exemplar_bytes, 6) if n else None,
-            "mean_box_area": None,
-            "bytes_used": self.bytes_used(),
-            "bytes_per_exemplar": {"mean": self.bytes_used() / n, "min": self.item_bytes, "max": self.item_bytes} if n else None,
-            "analytic_bytes_per_exemplar": self.item_bytes,
-            "metadata_bytes": self.metadata_bytes(),
-            "full_exemplar_bytes": self.full_exemplar_bytes,
-            "storage_shape": None if self.storage_shape is None else list(self.storage_shape),
-            "map_shape": [c, h, w],
-            "pca_components": self.k,
-            "reconstruction_cosine": None if not n else round(self.mean_cosine(), 6),
-        }
-        if units_per_class is not None:
-            out.update(budget_figures(units_per_class, len(counts) if num_classes is None else num_classes,
-                                      self.full_exemplar_bytes))
-        return out
+        return {**fixed_cost_summary(self, units_per_class, num_classes),
+                "analytic_bytes_per_exemplar": self.item_bytes, "map_shape": list(self.map_shape), "pca_components": self.k,
+                "reconstruction_cosine": None if not len(self) else round(self.mean_cosine(), 6)}
 
     # -- persistence ---------------------------------------------------------------------------
     def meta(self) -> dict:
