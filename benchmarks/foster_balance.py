@@ -2,7 +2,9 @@
 of a later phase's network from a FOSTER checkpoint, with the raw logits (what PyCIL evaluates) and
 with the logits divided by the per-class weights its last training stage used (beta2: the
 compression stage trains on ``logits / weights``), and the share of new-class test images predicted
-as an old class. Synthetic set only (the checkpoint's run keys rebuild the set).
+as an old class; and, free of the old/new bias, each group's accuracy among its own classes and
+how often the group (old or new) is right. Synthetic set only (the checkpoint's run keys rebuild
+the set).
 
 Run: ``PYCIL_ROOT=../PyCIL python benchmarks/foster_balance.py <log>_ckpt/task_1.pt`` (an ablation's
 off run with a shared first phase writes its checkpoints under PyCIL's ``logs/``).
@@ -21,6 +23,8 @@ from cim_plugin.pycil import checkpoint as ckpt
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("checkpoint", help="a FOSTER task_<k>.pt, k >= 1")
 p.add_argument("--pycil", default=os.environ.get("PYCIL_ROOT"), help="PyCIL checkout (default: PYCIL_ROOT)")
+p.add_argument("--per-old", type=float, help="samples per old class the training loss's weights used (default: the "
+               "budget, PyCIL's; a run with cim_foster_old_count 'stored' logs its count: 'class balance counts N')")
 a = p.parse_args()
 if not a.pycil:
     raise SystemExit("give --pycil or set PYCIL_ROOT: the checkpoint holds PyCIL's network classes")
@@ -44,7 +48,9 @@ y = torch.tensor([order[int(v)] for v in data.test_y]); keep = (y < total)
 x = data.test_x[keep.numpy()]; y = y[keep]
 with torch.no_grad():
     logits = torch.cat([net(fpm.normalise(x[s:s+100]))["logits"] for s in range(0, len(x), 100)])
-if run.get("fixed_memory"):
+if a.per_old is not None:
+    per_old = a.per_old
+elif run.get("fixed_memory"):
     if run.get("memory_per_class") is None:
         raise SystemExit(f"{a.checkpoint}: fixed_memory without memory_per_class in the checkpoint's run keys")
     per_old = int(run["memory_per_class"])  # PyCIL's samples_old_class
@@ -56,7 +62,17 @@ def weights(beta, n_new):
 def acc(l):
     pred = l.argmax(1); old = y < known
     return f"all {100*(pred==y).float().mean():.1f}, old {100*(pred[old]==y[old]).float().mean():.1f}, new {100*(pred[~old]==y[~old]).float().mean():.1f}, predicted old for {100*(pred[~old] < known).float().mean():.1f}% of new-class images"
+def within(l):
+    """What the memory's content can change apart from the old/new balance: each group's images
+    classified among their own group's classes only, and how often the group itself is right."""
+    old = y < known
+    in_old = (l[old][:, :known].argmax(1) == y[old]).float().mean()
+    in_new = (l[~old][:, known:total].argmax(1) + known == y[~old]).float().mean()
+    group = ((l.argmax(1) < known) == old).float().mean()
+    return (f"old images among old classes {100*in_old:.1f}, new among new {100*in_new:.1f}; "
+            f"group (old vs new) right for {100*group:.1f}% of images")
 w2 = weights(run["beta2"], run["synthetic_train_per_class"])
 print("per-class weights (beta2):", [round(float(v),3) for v in w2[[0, -1]]], "old / new")
 print("raw logits (PyCIL's evaluation):", acc(logits))
 print("logits / weights (the training loss's view):", acc(logits / w2))
+print("within each group (bias-free):", within(logits))
