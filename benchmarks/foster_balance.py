@@ -59,13 +59,13 @@ else:
 def weights(beta, n_new):
     counts = [per_old]*known + [n_new]*(total-known)
     eff = 1.0 - np.power(beta, counts); w = (1.0 - beta)/eff; return torch.tensor(w/np.sum(w)*len(counts), dtype=torch.float32)
+old = y < known
 def acc(l):
-    pred = l.argmax(1); old = y < known
+    pred = l.argmax(1)
     return f"all {100*(pred==y).float().mean():.1f}, old {100*(pred[old]==y[old]).float().mean():.1f}, new {100*(pred[~old]==y[~old]).float().mean():.1f}, predicted old for {100*(pred[~old] < known).float().mean():.1f}% of new-class images"
 def within(l):
     """What the memory's content can change apart from the old/new balance: each group's images
     classified among their own group's classes only, and how often the group itself is right."""
-    old = y < known
     in_old = (l[old][:, :known].argmax(1) == y[old]).float().mean()
     in_new = (l[~old][:, known:total].argmax(1) + known == y[~old]).float().mean()
     group = ((l.argmax(1) < known) == old).float().mean()

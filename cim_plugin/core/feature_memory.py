@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .choices import FEATURE_DTYPES
-from .memory import RankedClassLists, fixed_cost_summary
+from .memory import RankedClassLists
 
 #: Version of the state_dict layout; bump when it changes.
 FORMAT_VERSION = 1
@@ -119,8 +119,7 @@ class FeatureMemory(RankedClassLists):
         return means
 
     def summary(self, units_per_class: float | None = None, num_classes: int | None = None) -> dict:
-        """Figures for logs and results files, with the same keys as the image memory's."""
-        return {**fixed_cost_summary(self, units_per_class, num_classes), "feature_dim": self.dim, "feature_dtype": self.dtype}
+        return {**super().summary(units_per_class, num_classes), "feature_dim": self.dim, "feature_dtype": self.dtype}
 
     # -- persistence ---------------------------------------------------------------------------
     def meta(self) -> dict:

@@ -37,9 +37,9 @@ def budget_figures(units_per_class: float, num_classes: int, full_exemplar_bytes
             "budget_bytes": int(units_per_class * num_classes * full_exemplar_bytes)}
 
 
-def fixed_cost_summary(memory, units_per_class: float | None, num_classes: int | None) -> dict:
-    """The summary keys every memory reports, for a memory whose items all cost ``memory.item_bytes``
-    (feature vectors, PCA codes): counts, units, bytes and the budget, as the image memory names them."""
+def summary_figures(memory, storage_shape, units_per_class: float | None, num_classes: int | None) -> dict:
+    """The summary keys every memory kind reports (image, features, pca), read from the memory's own
+    counts, units, bytes and box areas; with ``units_per_class``, the budget as well."""
     counts = memory.counts()
     n = len(memory)
     out = {
@@ -48,14 +48,13 @@ def fixed_cost_summary(memory, units_per_class: float | None, num_classes: int |
         "exemplars_per_class": {str(k): v for k, v in counts.items()},
         "mean_exemplars_per_class": float(np.mean(list(counts.values()))) if counts else 0.0,
         "units_used": round(memory.units_used(), 6),
-        "mean_cost": round(memory.item_bytes / memory.full_exemplar_bytes, 6) if n else None,
-        "mean_box_area": None,
+        "mean_cost": round(memory.units_used() / n, 6) if n else None,
+        "mean_box_area": memory.mean_box_area(),
         "bytes_used": memory.bytes_used(),
-        "bytes_per_exemplar": {"mean": memory.bytes_used() / n, "min": memory.item_bytes, "max": memory.item_bytes}
-        if n else None,
+        "bytes_per_exemplar": memory.bytes_per_exemplar(),
         "metadata_bytes": memory.metadata_bytes(),
         "full_exemplar_bytes": memory.full_exemplar_bytes,
-        "storage_shape": None if memory.storage_shape is None else list(memory.storage_shape),
+        "storage_shape": None if storage_shape is None else list(storage_shape),
     }
     if units_per_class is not None:
         out.update(budget_figures(units_per_class, len(counts) if num_classes is None else num_classes,
@@ -269,25 +268,7 @@ class ExemplarMemory:
 
     def summary(self, units_per_class: float | None = None, num_classes: int | None = None) -> dict:
         """Figures for logs and results files."""
-        counts = self.counts()
-        out = {
-            "kind": self.kind,
-            "exemplars": len(self),
-            "exemplars_per_class": {str(k): v for k, v in counts.items()},
-            "mean_exemplars_per_class": float(np.mean(list(counts.values()))) if counts else 0.0,
-            "units_used": round(self.units_used(), 6),
-            "mean_cost": round(self.units_used() / len(self), 6) if len(self) else None,
-            "mean_box_area": self.mean_box_area(),
-            "bytes_used": self.bytes_used(),
-            "bytes_per_exemplar": self.bytes_per_exemplar(),
-            "metadata_bytes": self.metadata_bytes(),
-            "full_exemplar_bytes": self.full_exemplar_bytes,
-            "storage_shape": list(self.image_shape),
-        }
-        if units_per_class is not None:
-            out.update(budget_figures(units_per_class, len(counts) if num_classes is None else num_classes,
-                                      self.full_exemplar_bytes))
-        return out
+        return summary_figures(self, self.image_shape, units_per_class, num_classes)
 
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -529,6 +510,7 @@ class RankedClassLists:
 
     item_bytes: int
     full_exemplar_bytes: int
+    storage_shape: tuple[int, ...] | None
     _classes: dict
 
     def capacity(self, units: float) -> int:
@@ -539,6 +521,17 @@ class RankedClassLists:
 
     def units_used(self) -> float:
         return self.bytes_used() / self.full_exemplar_bytes
+
+    def mean_box_area(self) -> None:
+        return None  # no boxes
+
+    def bytes_per_exemplar(self) -> dict | None:
+        n = len(self)
+        return {"mean": self.bytes_used() / n, "min": self.item_bytes, "max": self.item_bytes} if n else None
+
+    def summary(self, units_per_class: float | None = None, num_classes: int | None = None) -> dict:
+        """Figures for logs and results files, with the same keys as the image memory's."""
+        return summary_figures(self, self.storage_shape, units_per_class, num_classes)
 
     @property
     def labels(self) -> list[int]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .feature_pca import PCACode, code_bytes, decode
-from .memory import RankedClassLists, fixed_cost_summary
+from .memory import RankedClassLists
 
 #: Version of the state_dict layout; bump when it changes.
 FORMAT_VERSION = 1
@@ -138,8 +138,7 @@ class PCAMemory(RankedClassLists):
                        "decode_ms_per_exemplar": round(1000 * seconds / decoded, 6) if decoded else None}
 
     def summary(self, units_per_class: float | None = None, num_classes: int | None = None) -> dict:
-        """Figures for logs and results files, with the same keys as the image memory's."""
-        return {**fixed_cost_summary(self, units_per_class, num_classes),
+        return {**super().summary(units_per_class, num_classes),
                 "analytic_bytes_per_exemplar": self.item_bytes, "map_shape": list(self.map_shape), "pca_components": self.k,
                 "reconstruction_cosine": None if not len(self) else round(self.mean_cosine(), 6)}
 
