@@ -2,13 +2,25 @@
 
 MRDC's trade-off is quantity against quality: a lower quality stores more exemplars per byte but
 blurs what the model recognises. This script measures both on the first phase's own training images
-(what the memory would store; no test image is used to choose): for each quality it prints the
-capacity (exemplars the byte budget holds, as a multiple of plugin-off's) and the first-phase
-model's top-1 on the decoded images, for whole images (MRDC) and for CIM's boxes (the model's CAM at
-``--tau``) with JPEG-coded pixels, next to the same model on the clean images and on raw CIM
-exemplars. The rule it applies: **the lowest quality whose decoded images lose at most
-``--tolerance`` points (default 2) against the same memory without the codec** — below it the
-codec, not the budget, decides what is remembered.
+(no test image is used to choose), for whole images (MRDC) and for CIM's boxes (the model's CAM at
+``--tau``) with JPEG-coded pixels, and applies two rules:
+
+- **the budget rule (the documented one, ``cim_plugin.core.quality_choice``)**: each class's
+  training images are the candidates and the held-out images are fresh draws of the same classes
+  from the synthetic generator (``--held-out fresh``, the default: images neither the first phase
+  nor the test set contains), or the training images are split into candidates (even positions)
+  and held-out images (odd; ``--held-out split``, for data without a generator); for each
+  quality the candidates are coded, ranked by budget-consuming herding on the model's features of
+  the decoded images and cut where the class's budget (``--units``, default the budget a class of
+  the first phase gets when its memory is built: ``memory_size`` // ``init_cls``, less its share of
+  the codec's shared tables, scaled by the candidates' share of the class so that the memory keeps
+  the share of the candidates it would keep of the whole class) is spent; a linear probe fitted on that memory is scored on the clean
+  held-out images. The rule picks **the highest quality within ``--tolerance`` (default 1) points
+  of the best probe top-1**: a lower quality must buy accuracy with its extra exemplars.
+- the fidelity rule (the earlier one, kept for comparison): the lowest quality whose decoded images
+  lose at most ``--fidelity-tolerance`` (default 2) points of the model's top-1 against the same
+  memory without the codec. It ignores the budget, so at any budget it picks the blurriest quality
+  the model still reads.
 
 Run: ``python benchmarks/choose_quality.py --checkpoint runs/icarl_off_s1993/first_phase.pt``.
 """
@@ -20,18 +32,29 @@ import argparse
 import first_phase_model
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cim_plugin.core.boxes import cam_to_boxes
 from cim_plugin.core.cam import class_activation_maps, normalize_cams
 from cim_plugin.core.codec import downsample_factor
+from cim_plugin.core.herding import herding_rank
 from cim_plugin.core.memory import make_memory
+from cim_plugin.core.quality_choice import choose_quality, probe_top1
 
 
-def stored(images: np.ndarray, boxes: np.ndarray, ratio: float, codec: str, quality: int) -> tuple[np.ndarray, float]:
-    """What the memory gives back, and the capacity multiple (full bytes / mean bytes per exemplar)."""
-    mem = make_memory(images.shape[1:], ratio, codec, quality)
-    costs = mem.costs_of(boxes, images)
-    return mem.reconstruct(images, boxes), 1.0 / float(costs.mean())
+def budget_memory(net, images, labels, boxes, memory, units: float):
+    """Indices of the candidates a memory of ``units`` per class keeps (herding on the decoded
+    images' features, budget-consuming as the plugin's memory), and the decoded images."""
+    decoded = memory.reconstruct(images, boxes)
+    costs = memory.costs_of(boxes, images)
+    feats = F.normalize(first_phase_model.features(net, decoded).double(), dim=1)
+    clean = F.normalize(first_phase_model.features(net, images).double(), dim=1)
+    keep = []
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten().numpy()
+        rank = herding_rank(feats[idx], clean[idx].mean(0), costs[idx], units)
+        keep.append(idx[rank])
+    return np.concatenate(keep), decoded, costs
 
 
 def main(argv=None) -> None:
@@ -39,33 +62,78 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--pycil", help="PyCIL checkout (default: PYCIL_ROOT)")
     p.add_argument("--qualities", type=int, nargs="+", default=[10, 20, 30, 50, 75, 90])
-    p.add_argument("--ratio", type=float, default=4.0)
-    p.add_argument("--tau", type=float, default=0.5)
-    p.add_argument("--tolerance", type=float, default=2.0)
+    p.add_argument("--ratio", type=float, help="compress_ratio (default: the run's)")
+    p.add_argument("--tau", type=float, help="mask_threshold (default: the run's)")
+    p.add_argument("--units", type=float, help="budget per class in full exemplars (default: the run's "
+                   "memory_size // init_cls, or memory_per_class with fixed_memory)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="budget rule: points below the best probe top-1")
+    p.add_argument("--held-out", choices=["fresh", "split"], default="fresh",
+                   help="fresh: new draws of the same classes (--held-out-per-class of them); split: odd training images")
+    p.add_argument("--held-out-per-class", type=int, default=60)
+    p.add_argument("--fidelity-tolerance", type=float, default=2.0, help="fidelity rule: points lost against raw")
     args = p.parse_args(argv)
     fp = first_phase_model.load(args.checkpoint, args.pycil, "train")
-    net, images, labels = fp.net, fp.images, fp.labels
+    net, images, labels, run = fp.net, fp.images, fp.labels, fp.run or {}
+    ratio = args.ratio if args.ratio is not None else float(run.get("compress_ratio", 4.0))
+    tau = args.tau if args.tau is not None else float(run.get("mask_threshold", 0.5))
+    num_classes = int(labels.max()) + 1
+    if args.units is not None:
+        units = args.units
+    elif run.get("fixed_memory"):
+        units = float(run["memory_per_class"])
+    else:
+        units = float(int(run.get("memory_size", 2000)) // num_classes)
     size = images.shape[1]
     with torch.no_grad():
-        last = net.convnet(first_phase_model.normalise(images))["fmaps"][-1]
+        last = first_phase_model.backbone(net)(first_phase_model.normalise(images))["fmaps"][-1]
         cams, degenerate = normalize_cams(class_activation_maps(last, net.fc.weight, labels))
-    cim_boxes = cam_to_boxes(cams, (size, size), args.tau, downsample_factor(args.ratio), degenerate)[0].numpy()
+    cim_boxes = cam_to_boxes(cams, (size, size), tau, downsample_factor(ratio), degenerate)[0].numpy()
     full = np.tile(np.array([[0, size, 0, size]]), (len(images), 1))
-    print(f"{len(images)} training images of the first phase's {int(labels.max()) + 1} classes, {size} px; "
+    if args.held_out == "split":
+        rank_in_class = torch.empty_like(labels)
+        for c in labels.unique():
+            idx = torch.nonzero(labels == c).flatten()
+            rank_in_class[idx] = torch.arange(len(idx))
+        cand = (rank_in_class % 2 == 0).numpy()
+        held_feats, held_labels = first_phase_model.features(net, images[~cand]), labels[~cand]
+    else:
+        fresh = first_phase_model.load(args.checkpoint, args.pycil, "test", data_seed=1)
+        per = torch.cat([torch.nonzero(fresh.labels == c).flatten()[:args.held_out_per_class] for c in labels.unique()])
+        cand = np.ones(len(images), dtype=bool)
+        held_feats, held_labels = first_phase_model.features(net, fresh.images[per.numpy()]), fresh.labels[per]
+    share = float(cand.mean())  # the memory would choose among all of a class's images: same share of the candidates
+    print(f"{len(images)} training images of the first phase's {num_classes} classes, {size} px; "
           f"top-1 of the first-phase model: clean {first_phase_model.top1(net, images, labels):.1f}")
-    for name, boxes in (("mrdc (whole image)", full), (f"cim (CAM boxes, tau {args.tau:g})", cim_boxes)):
-        raw, raw_cap = stored(images, boxes, args.ratio, "raw", 50)
-        base = first_phase_model.top1(net, raw, labels)
-        print(f"\n{name}: raw pixels {base:.1f} top-1 at {raw_cap:.2f}x capacity")
-        chosen = None
-        for q in sorted(args.qualities):
-            dec, cap = stored(images, boxes, args.ratio, "jpeg", q)
-            acc = first_phase_model.top1(net, dec, labels)
-            ok = base - acc <= args.tolerance
-            chosen = q if ok and chosen is None else chosen
-            print(f"  jpeg q{q:<3d} top-1 {acc:5.1f} ({acc - base:+5.1f}), capacity {cap:7.2f}x{'  <- within tolerance' if ok else ''}")
-        print(f"  rule (lowest quality within {args.tolerance:g} points of raw): "
-              + (f"cim_codec_quality {chosen}" if chosen is not None else "none of these qualities"))
+    print(f"budget rule: {int(cand.sum())} candidates / {len(held_labels)} held-out images ({args.held_out}), {units:g} units per class "
+          f"(x {share:g} for the candidates' share) "
+          f"(one unit = {size * size * 3:,} bytes), ratio {ratio:g}, tau {tau:g}")
+    for name, boxes in (("mrdc (whole image)", full), (f"cim (CAM boxes, tau {tau:g})", cim_boxes)):
+        print(f"\n{name}:")
+        print("| codec | bytes / exemplar | exemplars / class kept (of the candidates) | probe top-1 on held-out "
+              "| model top-1 on the decoded images (fidelity rule) |")
+        print("|---|---|---|---|---|")
+        scores, fidelity = {}, {}
+        base = None
+        for q in [None] + sorted(args.qualities):
+            memory = make_memory(images.shape[1:], ratio, "raw" if q is None else "jpeg", 50 if q is None else q)
+            shared = memory.metadata_bytes() / (size * size * 3 * num_classes)
+            keep, decoded, costs = budget_memory(net, images[cand], labels[cand], boxes[cand], memory, (units - shared) * share)
+            probe = probe_top1(first_phase_model.features(net, decoded[keep]), labels[cand][keep],
+                               held_feats, held_labels) if len(keep) else 0.0  # an empty memory recognises nothing
+            read = first_phase_model.top1(net, memory.reconstruct(images, boxes), labels)
+            if q is None:
+                base = read
+            else:
+                scores[q], fidelity[q] = probe, read
+            per_class = len(keep) / num_classes
+            print(f"| {'raw' if q is None else f'jpeg q{q}'} | {float(costs[keep].mean() if len(keep) else costs.mean()) * size * size * 3:,.0f} "
+                  f"| {per_class:.1f} (of {int(cand.sum()) // num_classes}) | {probe:.1f} | {read:.1f} |")
+        chosen = choose_quality(scores, args.tolerance)
+        low = [q for q in sorted(fidelity) if base - fidelity[q] <= args.fidelity_tolerance]
+        print(f"  budget rule (highest quality within {args.tolerance:g} points of the best probe top-1, "
+              f"{max(scores.values()):.1f}): cim_codec_quality {chosen}")
+        print(f"  fidelity rule (lowest quality within {args.fidelity_tolerance:g} points of raw, which ignores the "
+              "budget): " + (f"cim_codec_quality {low[0]}" if low else "none of these qualities"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class FirstPhase:
     images: np.ndarray  # uint8 [n, H, W, 3] of the first phase's classes
     labels: torch.Tensor  # int64 [n]: the network's class indices
     boxes: np.ndarray  # int64 [n, 4]: true object boxes
+    run: dict | None = None  # the run's PyCIL config, as the checkpoint recorded it
 
 
 def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -30,8 +31,11 @@ def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
-def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit: int | None = None) -> FirstPhase:
-    """The checkpoint's network (eval mode) and the ``split`` ("train" or "test") images of its classes."""
+def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit: int | None = None,
+         data_seed: int = 0) -> FirstPhase:
+    """The checkpoint's network (eval mode) and the ``split`` ("train" or "test") images of its classes.
+    ``data_seed``: the synthetic generator's seed (0: the run's own set; another value draws fresh
+    images of the same classes, which neither the run's training nor its test set contains)."""
     pycil = pycil or os.environ.get("PYCIL_ROOT")
     if not pycil:
         raise SystemExit("give --pycil or set PYCIL_ROOT: the checkpoint holds PyCIL's network classes")
@@ -50,16 +54,27 @@ def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit:
     data = load_synthetic(SyntheticSpec(num_classes=len(order), image_size=size,
                                         train_per_class=int(run.get("synthetic_train_per_class", 60)),
                                         test_per_class=int(run.get("synthetic_test_per_class", 20)),
-                                        colour=str(run.get("synthetic_colour", "class"))))
+                                        colour=str(run.get("synthetic_colour", "class")), seed=data_seed))
     x, y, b = (data.train_x, data.train_y, data.train_boxes) if split == "train" else (data.test_x, data.test_y, data.test_boxes)
     keep = [i for i, v in enumerate(y) if known is None or order[int(v)] < known][:limit]
-    return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep])
+    return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep], dict(run))
 
 
 def predictions(net: torch.nn.Module, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     """Predicted class of each uint8 image, normalised as PyCIL's synthetic set, in batches."""
     with torch.no_grad():
         return torch.cat([net(normalise(images[s: s + batch]))["logits"].argmax(1) for s in range(0, len(images), batch)])
+
+
+def backbone(net: torch.nn.Module) -> torch.nn.Module:
+    """The backbone whose last map gives the CAM: ``convnet``, or FOSTER's newest of ``convnets``."""
+    return net.convnet if hasattr(net, "convnet") else net.convnets[-1]
+
+
+def features(net: torch.nn.Module, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """The network's penultimate features (``net(x)["features"]``) of uint8 ``images``, in batches."""
+    with torch.no_grad():
+        return torch.cat([net(normalise(images[s: s + batch]))["features"] for s in range(0, len(images), batch)])
 
 
 def top1(net: torch.nn.Module, images: np.ndarray, labels: torch.Tensor, batch: int = 64) -> float:
