@@ -268,7 +268,9 @@ class CIMConfig:
         '`"png"` — the box crop and the low-resolution rest as two files; an exemplar costs its encoded '
         "bytes (with a 4-byte length header) over the bytes of one raw full exemplar")
     cim_codec_quality: int = key(
-        50, int_in(1, 100), "quality of `\"jpeg\"` (capped at 95) and `\"webp\"`; MRDC's anchor is JPEG 50")
+        50, int_in(1, 100), "quality of `\"jpeg\"` (capped at 95) and `\"webp\"`; MRDC's anchor is JPEG 50. "
+        "How to choose it for your data and budget: *Choosing the quality* (a one-seed pilot, "
+        "`benchmarks/quality_pilot.py`)")
     mask_threshold: float = key(0.6, number_in(0.0, 1.0, hi_open=True), "CAM threshold τ in [0, 1)")
     cam_update_interval: int = key(
         40, int_in(1), "epochs between refreshes of the new-class boxes used for the artefact augmentation")
