@@ -1,11 +1,12 @@
 """Benchmark (f): choosing the codec quality (``cim_codec_quality``) from a trained first phase.
 
 MRDC's trade-off is quantity against quality: a lower quality stores more exemplars per byte but
-blurs what the model recognises. This script measures both on the first phase's own training images
-(no test image is used to choose), for whole images (MRDC) and for CIM's boxes (the model's CAM at
-``--tau``) with JPEG-coded pixels, and applies two rules:
+blurs what the model recognises. This script measures both from the first phase alone (no test
+image is used), for whole images (MRDC) and for CIM's boxes (the model's CAM at ``--tau``) with
+JPEG-coded pixels, and prints what two first-phase criteria would pick:
 
-- **the budget rule (the documented one, ``cim_plugin.core.quality_choice``)**: each class's
+- the budget probe (``cim_plugin.core.quality_choice.probe_top1``; measured blind to quantity on the
+  synthetic set, so not the documented rule, which is the pilot of ``quality_pilot.py``): each class's
   training images are the candidates and the held-out images are fresh draws of the same classes
   from the synthetic generator (``--held-out fresh``, the default: images neither the first phase
   nor the test set contains), or the training images are split into candidates (even positions)
@@ -14,10 +15,10 @@ blurs what the model recognises. This script measures both on the first phase's 
   the decoded images and cut where the class's budget (``--units``, default the budget a class of
   the first phase gets when its memory is built: ``memory_size`` // ``init_cls``, less its share of
   the codec's shared tables, scaled by the candidates' share of the class so that the memory keeps
-  the share of the candidates it would keep of the whole class) is spent; a linear probe fitted on that memory is scored on the clean
-  held-out images. The rule picks **the highest quality within ``--tolerance`` (default 1) points
-  of the best probe top-1**: a lower quality must buy accuracy with its extra exemplars.
-- the fidelity rule (the earlier one, kept for comparison): the lowest quality whose decoded images
+  the share of the candidates it would keep of the whole class) is spent; a linear probe fitted on
+  that memory is scored on the clean held-out images, and ``choose_quality`` picks the highest
+  quality within ``--tolerance`` (default 1) points of the best probe top-1.
+- the fidelity criterion (the earlier rule): the lowest quality whose decoded images
   lose at most ``--fidelity-tolerance`` (default 2) points of the model's top-1 against the same
   memory without the codec. It ignores the budget, so at any budget it picks the blurriest quality
   the model still reads.

@@ -1,23 +1,21 @@
 """Choosing the codec quality at a byte budget: quantity against quality, on held-out data.
 
 A lower JPEG quality stores more exemplars in the same bytes but blurs each one. Which side wins
-depends on the budget: where a class's budget already holds most of its images, more quantity buys
-nothing and fidelity should win; where it holds a handful, quantity should. MRDC (ICLR 2022) weighs
-the two with a DPP criterion on the features of the compressed set. The plugin's rule measures the
-trade-off directly, with nothing but the first phase's model and its training images, and no
-retraining (benchmark (f), ``benchmarks/choose_quality.py``):
+depends on the budget and on what the exemplars are for. Two measurements share the rule here:
 
-1. each class's training images are split in two halves: *candidates* (what the memory may store)
-   and *held-out* (what it should let the model recognise);
-2. for each quality the candidates are coded, ranked by budget-consuming herding on the model's
-   features of the decoded images (as the memory ranks them) and cut where the class's budget is
-   spent: the memory that quality would keep;
-3. a linear classifier (multinomial logistic regression on the model's L2-normalised features) is
-   fitted on that memory and scored on the clean held-out images (:func:`probe_top1`);
-4. the chosen quality is **the highest one whose held-out top-1 is within ``tolerance`` points of
-   the best** (:func:`choose_quality`): lower qualities must pay for their blur with accuracy.
+- :func:`choose_quality`, **the documented rule**: the highest quality whose held-out top-1 is
+  within ``tolerance`` points of the best (lower qualities must pay for their blur with accuracy).
+  Its scores come from a *pilot* (``benchmarks/quality_pilot.py``): the second phase trained once
+  per quality from the same first phase, each final network scored on validation images (fresh
+  draws of the synthetic generator; never the test set).
+- :func:`probe_top1`, a cheap first-phase criterion in the spirit of MRDC's (features of the
+  compressed memory under the current model; ``benchmarks/choose_quality.py``): a linear probe
+  fitted on the memory each quality would keep and scored on held-out images. Measured on the
+  synthetic set it is blind to quantity (2 raw exemplars per class score as well as 150 coded
+  ones: README, *Choosing the quality*), because what many exemplars buy is less forgetting in
+  later phases, which no first-phase measurement sees. Kept as a tool for other data.
 
-The functions here are pure (tensors in, numbers out); the benchmark script does the coding.
+Both are pure (tensors or numbers in, numbers out).
 """
 
 from __future__ import annotations
