@@ -43,19 +43,18 @@ from cim_plugin.core.memory import make_memory
 from cim_plugin.core.quality_choice import choose_quality, probe_top1
 
 
-def budget_memory(net, images, labels, boxes, memory, units: float):
-    """Indices of the candidates a memory of ``units`` per class keeps (herding on the decoded
-    images' features, budget-consuming as the plugin's memory), and the decoded images."""
+def budget_memory(net, images, labels, boxes, memory, units: float, clean: torch.Tensor):
+    """What a memory of ``units`` per class keeps of the candidates (herding on the decoded images'
+    features, budget-consuming as the plugin's memory): the kept indices, the decoded images, their
+    costs and their normalised features. ``clean``: the candidates' normalised clean features."""
     decoded = memory.reconstruct(images, boxes)
     costs = memory.costs_of(boxes, images)
     feats = F.normalize(first_phase_model.features(net, decoded).double(), dim=1)
-    clean = F.normalize(first_phase_model.features(net, images).double(), dim=1)
     keep = []
     for c in labels.unique():
         idx = torch.nonzero(labels == c).flatten().numpy()
-        rank = herding_rank(feats[idx], clean[idx].mean(0), costs[idx], units)
-        keep.append(idx[rank])
-    return np.concatenate(keep), decoded, costs
+        keep.append(idx[herding_rank(feats[idx], clean[idx].mean(0), costs[idx], units)])
+    return np.concatenate(keep), decoded, costs, feats
 
 
 def main(argv=None) -> None:
@@ -102,6 +101,7 @@ def main(argv=None) -> None:
         per = torch.cat([torch.nonzero(fresh.labels == c).flatten()[:args.held_out_per_class] for c in labels.unique()])
         cand = np.ones(len(images), dtype=bool)
         held_feats, held_labels = first_phase_model.features(net, fresh.images[per.numpy()]), fresh.labels[per]
+    clean = F.normalize(first_phase_model.features(net, images[cand]).double(), dim=1)  # once, for every quality
     share = float(cand.mean())  # the memory would choose among all of a class's images: same share of the candidates
     print(f"{len(images)} training images of the first phase's {num_classes} classes, {size} px; "
           f"top-1 of the first-phase model: clean {first_phase_model.top1(net, images, labels):.1f}")
@@ -118,10 +118,11 @@ def main(argv=None) -> None:
         for q in [None] + sorted(args.qualities):
             memory = make_memory(images.shape[1:], ratio, "raw" if q is None else "jpeg", 50 if q is None else q)
             shared = memory.metadata_bytes() / (size * size * 3 * num_classes)
-            keep, decoded, costs = budget_memory(net, images[cand], labels[cand], boxes[cand], memory, (units - shared) * share)
-            probe = probe_top1(first_phase_model.features(net, decoded[keep]), labels[cand][keep],
-                               held_feats, held_labels) if len(keep) else 0.0  # an empty memory recognises nothing
-            read = first_phase_model.top1(net, memory.reconstruct(images, boxes), labels)
+            keep, decoded, costs, feats = budget_memory(net, images[cand], labels[cand], boxes[cand], memory,
+                                                        (units - shared) * share, clean)
+            probe = probe_top1(feats[keep], labels[cand][keep], held_feats, held_labels) if len(keep) else 0.0
+            # the fidelity read: every training image decoded (the candidates' decoding when they are all of them)
+            read = first_phase_model.top1(net, decoded if cand.all() else memory.reconstruct(images, boxes), labels)
             if q is None:
                 base = read
             else:
@@ -131,9 +132,9 @@ def main(argv=None) -> None:
                   f"| {per_class:.1f} (of {int(cand.sum()) // num_classes}) | {probe:.1f} | {read:.1f} |")
         chosen = choose_quality(scores, args.tolerance)
         low = [q for q in sorted(fidelity) if base - fidelity[q] <= args.fidelity_tolerance]
-        print(f"  budget rule (highest quality within {args.tolerance:g} points of the best probe top-1, "
+        print(f"  budget probe would pick (highest quality within {args.tolerance:g} points of the best probe top-1, "
               f"{max(scores.values()):.1f}): cim_codec_quality {chosen}")
-        print(f"  fidelity rule (lowest quality within {args.fidelity_tolerance:g} points of raw, which ignores the "
+        print(f"  fidelity criterion would pick (lowest quality within {args.fidelity_tolerance:g} points of raw, which ignores the "
               "budget): " + (f"cim_codec_quality {low[0]}" if low else "none of these qualities"))
 
 
