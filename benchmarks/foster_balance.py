@@ -3,8 +3,9 @@ of a later phase's network from a FOSTER checkpoint, with the raw logits (what P
 with the logits divided by the per-class weights its last training stage used (beta2: the
 compression stage trains on ``logits / weights``), and the share of new-class test images predicted
 as an old class; and, free of the old/new bias, each group's accuracy among its own classes and
-how often the group (old or new) is right. Synthetic set only (the checkpoint's run keys rebuild
-the set).
+how often the group (old or new) is right; and each task's images among that task's own classes
+(forgetting within a task, free of every between-task bias). Synthetic set only (the checkpoint's
+run keys rebuild the set).
 
 Run: ``PYCIL_ROOT=../PyCIL python benchmarks/foster_balance.py <log>_ckpt/task_1.pt`` (an ablation's
 off run with a shared first phase writes its checkpoints under PyCIL's ``logs/``).
@@ -71,8 +72,19 @@ def within(l):
     group = ((l.argmax(1) < known) == old).float().mean()
     return (f"old images among old classes {100*in_old:.1f}, new among new {100*in_new:.1f}; "
             f"group (old vs new) right for {100*group:.1f}% of images")
+def per_task(l):
+    """Forgetting free of every between-task bias: each task's test images classified among that
+    task's own classes only (task 0's figure compares with the first phase's test accuracy)."""
+    bounds = [0] + totals
+    parts = []
+    for t in range(len(totals)):
+        lo, hi = bounds[t], bounds[t + 1]
+        sel = (y >= lo) & (y < hi)
+        parts.append(f"task {t} {100*(l[sel][:, lo:hi].argmax(1) + lo == y[sel]).float().mean():.1f}")
+    return ", ".join(parts)
 w2 = weights(run["beta2"], run["synthetic_train_per_class"])
 print("per-class weights (beta2):", [round(float(v),3) for v in w2[[0, -1]]], "old / new")
 print("raw logits (PyCIL's evaluation):", acc(logits))
 print("logits / weights (the training loss's view):", acc(logits / w2))
 print("within each group (bias-free):", within(logits))
+print("each task among its own classes:", per_task(logits))
