@@ -1,13 +1,14 @@
 """Fakes for tests: a tiny PyCIL-shaped network for learner tests that need no PyCIL (shared by
 several files), recording stand-ins for commands such as pip (the CI script's tests), and a fake
 PyCIL run for the ablation runner and the demo (``FakeRunner``). Also, for the PyCIL-backed tests,
-the tiny setting they run (``TINY_RUN``), PyCIL's own main.py run on it (``run_main``,
-``results_of``) and what a plugin run's memory must show against a plain one's."""
+the tiny setting they run (``TINY_RUN``), PyCIL's own main.py run on it (``run_main``, side by
+side: ``MainRuns``; ``results_of``) and what a plugin run's memory must show against a plain one's."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -115,15 +116,77 @@ TINY_RUN = {"dataset": "synthetic", "synthetic_num_classes": 8, "init_cls": 5, "
             "fixed_memory": False, "device": ["-1"], "seed": [1993], "num_workers": 0}
 
 
+#: Seconds one tiny main.py run may take before the test fails.
+RUN_TIMEOUT_S = 900
+
+
+def _main_command(root: Path, config: dict, folder: Path, name: str,
+                  env: Mapping[str, str] | None) -> tuple[list[str], dict]:
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return [sys.executable, "main.py", "--config", str(path)], {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
 def run_main(root: Path, config: dict, folder: Path, name: str,
              env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """PyCIL's main.py in the checkout ``root`` on ``config`` (written to ``folder/<name>.json``), with
     the variables ``env`` added to the environment; the completed process, output captured."""
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(config))
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "main.py", "--config", str(path)], cwd=root, env=full_env,
-                          capture_output=True, text=True, timeout=900)
+    command, full_env = _main_command(root, config, folder, name, env)
+    return subprocess.run(command, cwd=root, env=full_env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+class MainRuns:
+    """Tiny main.py runs side by side: as many at once as the CPU has cores (at most ``width``), one
+    torch thread each, so a test file's runs keep every core busy instead of running one after the
+    other. ``submit`` queues a run; ``result`` starts it at once if it is still queued and returns its
+    completed process (output captured in files, so a chatty run never blocks on a full pipe)."""
+
+    def __init__(self, root: Path, width: int | None = None):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.root, self.width = Path(root), max(1, min(cores, width or cores))
+        self.queued: dict = {}
+        self.running: dict = {}
+        self.done: dict = {}
+
+    def submit(self, key, config: dict, folder: Path, name: str, env: Mapping[str, str] | None = None) -> None:
+        if key not in self.queued and key not in self.running and key not in self.done:
+            self.queued[key] = (config, Path(folder), name, {"OMP_NUM_THREADS": "1", **(env or {})})
+        self._fill()
+
+    def result(self, key) -> subprocess.CompletedProcess:
+        if key in self.queued:  # the test needs it now: ahead of the other queued runs
+            self.queued = {key: self.queued.pop(key), **self.queued}
+        if key not in self.queued and key not in self.running and key not in self.done:
+            raise KeyError(f"run {key!r} was never submitted")
+        while key not in self.done:
+            self._fill()
+            self._reap(block=True)
+        return self.done[key]
+
+    def _fill(self) -> None:
+        while self.queued and len(self.running) < self.width:
+            key = next(iter(self.queued))
+            config, folder, name, env = self.queued.pop(key)
+            command, full_env = _main_command(self.root, config, folder, name, env)
+            out, err = open(folder / f"{name}.stdout", "w+"), open(folder / f"{name}.stderr", "w+")
+            proc = subprocess.Popen(command, cwd=self.root, env=full_env, stdout=out, stderr=err, text=True)
+            self.running[key] = (proc, out, err, time.monotonic())
+
+    def _reap(self, block: bool) -> None:
+        while self.running:
+            for key, (proc, out, err, started) in list(self.running.items()):
+                if proc.poll() is None and time.monotonic() - started > RUN_TIMEOUT_S:
+                    proc.kill()
+                    proc.wait()
+                if proc.poll() is not None:
+                    out.seek(0), err.seek(0)
+                    self.done[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+                    out.close(), err.close()
+                    del self.running[key]
+                    return
+            if not block:
+                return
+            time.sleep(0.2)
 
 
 def results_of(proc: subprocess.CompletedProcess, root: Path) -> dict:

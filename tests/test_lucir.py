@@ -3,8 +3,8 @@ loss terms, and PyCIL's main.py running it (memory, no memory, CIM).
 
 The tests marked ``pycil`` need a PyCIL checkout (PYCIL_ROOT, else the one `cim-plugin patch`
 recorded; conftest's ``patched_pycil``): the checkout is cloned into a temporary folder and patched
-there; the user's checkout is never touched. The three runs of main.py take about 2 minutes on 2
-cores (one thread each, run one after the other).
+there; the user's checkout is never touched. The three runs of main.py run side by side (one thread each,
+one per core).
 """
 
 import math
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cim_plugin.core.lucir_losses import less_forget_loss, less_forget_weight, margin_ranking_loss
-from fakes import TINY_RUN, assert_more_exemplars_in_no_more_bytes, results_of, run_main
+from fakes import TINY_RUN, MainRuns, assert_more_exemplars_in_no_more_bytes, results_of
 
 #: 8 classes at 32 px (cosine_resnet32 needs 32 px), 5 then 3 classes, a few epochs.
 TINY = {**TINY_RUN, "prefix": "lucir", "synthetic_image_size": 32, "synthetic_train_per_class": 40,
@@ -176,9 +176,10 @@ def runs(patched_pycil, tmp_path_factory):
         "no_memory": {**base, "prefix": "nomemory", "memory_size": 0, "cim": False},
         "cim": {**base, "prefix": "cim", **CIM},
     }
-    procs = {name: run_main(patched_pycil, cfg, tmp, name, env={"OMP_NUM_THREADS": "1"})
-             for name, cfg in configs.items()}
-    return {name: (proc, results_of(proc, patched_pycil)) for name, proc in procs.items()}
+    runs = MainRuns(patched_pycil)  # side by side, one torch thread each
+    for name, cfg in configs.items():
+        runs.submit(name, cfg, tmp, name)
+    return {name: (runs.result(name), results_of(runs.result(name), patched_pycil)) for name in configs}
 
 
 @pytest.mark.pycil

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cim_plugin import locate
-from fakes import TINY_RUN, assert_more_exemplars_in_no_more_bytes, results_of, run_main  # noqa: F401 (test_resume)
+from fakes import TINY_RUN, MainRuns, assert_more_exemplars_in_no_more_bytes, results_of, run_main  # noqa: F401 (test_resume)
 from pycil_checkout import require_pycil_root
 
 PYCIL_ROOT = require_pycil_root()  # collection fails here under CI=true when no PyCIL is found
@@ -39,19 +39,32 @@ def pycil(patched_pycil):
     return patched_pycil
 
 
+#: The runs this module's tests read, per learner: asking for one starts its learner's others beside it.
+RUNS_PER_LEARNER = {"icarl": ("off", "cam", "pau"), "der": ("off", "cam", "pau"),
+                    "foster": ("off", "cam", "pau"), "lucir": ("off", "pau")}
+
+
 @pytest.fixture(scope="module")
 def run(pycil, tmp_path_factory):
-    """run(learner, variant) -> (completed process, results): each run made once per module."""
+    """run(learner, variant) -> (completed process, results): each run made once per module, side by
+    side with the learner's other runs (``MainRuns``: one torch thread each, one run per core)."""
     done = {}
+    runs = MainRuns(pycil)
     cache = tmp_path_factory.mktemp("synthetic-cache")
+
+    def _submit(learner, variant):
+        tmp = tmp_path_factory.mktemp(f"{learner}-{variant}")
+        config = {**TINY, **LEARNER_KEYS[learner], "model_name": learner, "data_root": str(cache), "prefix": variant}
+        if variant != "off":
+            config.update({**CIM, "cim_mask": variant})
+        runs.submit((learner, variant), config, tmp, variant)
 
     def _run(learner, variant):
         if (learner, variant) not in done:
-            tmp = tmp_path_factory.mktemp(f"{learner}-{variant}")
-            config = {**TINY, **LEARNER_KEYS[learner], "model_name": learner, "data_root": str(cache), "prefix": variant}
-            if variant != "off":
-                config.update({**CIM, "cim_mask": variant})
-            proc = run_main(pycil, config, tmp, variant)
+            # side by side runs may write the synthetic cache at once: its writes are atomic
+            for other in (variant, *RUNS_PER_LEARNER.get(learner, ())):
+                _submit(learner, other)
+            proc = runs.result((learner, variant))
             done[learner, variant] = proc, results_of(proc, pycil)
         return done[learner, variant]
 
