@@ -60,10 +60,15 @@ def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit:
     return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep], dict(run))
 
 
-def predictions(net: torch.nn.Module, images: np.ndarray, batch: int = 64) -> torch.Tensor:
-    """Predicted class of each uint8 image, normalised as PyCIL's synthetic set, in batches."""
+def outputs(net: torch.nn.Module, images: np.ndarray, key: str = "logits", batch: int = 64) -> torch.Tensor:
+    """``net(x)[key]`` of uint8 ``images``, normalised as PyCIL's synthetic set, in batches, no grad."""
     with torch.no_grad():
-        return torch.cat([net(normalise(images[s: s + batch]))["logits"].argmax(1) for s in range(0, len(images), batch)])
+        return torch.cat([net(normalise(images[s: s + batch]))[key] for s in range(0, len(images), batch)])
+
+
+def predictions(net: torch.nn.Module, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Predicted class of each uint8 image, in batches."""
+    return outputs(net, images, "logits", batch).argmax(1)
 
 
 def backbone(net: torch.nn.Module) -> torch.nn.Module:
@@ -73,8 +78,7 @@ def backbone(net: torch.nn.Module) -> torch.nn.Module:
 
 def features(net: torch.nn.Module, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     """The network's penultimate features (``net(x)["features"]``) of uint8 ``images``, in batches."""
-    with torch.no_grad():
-        return torch.cat([net(normalise(images[s: s + batch]))["features"] for s in range(0, len(images), batch)])
+    return outputs(net, images, "features", batch)
 
 
 def top1(net: torch.nn.Module, images: np.ndarray, labels: torch.Tensor, batch: int = 64) -> float:

@@ -47,8 +47,7 @@ spec = SyntheticSpec(num_classes=run["synthetic_num_classes"], image_size=run["s
 data = load_synthetic(spec)
 y = torch.tensor([order[int(v)] for v in data.test_y]); keep = (y < total)
 x = data.test_x[keep.numpy()]; y = y[keep]
-with torch.no_grad():
-    logits = torch.cat([net(fpm.normalise(x[s:s+100]))["logits"] for s in range(0, len(x), 100)])
+logits = fpm.outputs(net, x, "logits", batch=100)
 if a.per_old is not None:
     per_old = a.per_old
 elif run.get("fixed_memory"):
@@ -64,24 +63,21 @@ old = y < known
 def acc(l):
     pred = l.argmax(1)
     return f"all {100*(pred==y).float().mean():.1f}, old {100*(pred[old]==y[old]).float().mean():.1f}, new {100*(pred[~old]==y[~old]).float().mean():.1f}, predicted old for {100*(pred[~old] < known).float().mean():.1f}% of new-class images"
+def among(l, lo, hi):
+    """Share (%) of the images of classes lo..hi-1 classified right among those classes only."""
+    sel = (y >= lo) & (y < hi)
+    return 100 * float((l[sel][:, lo:hi].argmax(1) + lo == y[sel]).float().mean())
 def within(l):
     """What the memory's content can change apart from the old/new balance: each group's images
     classified among their own group's classes only, and how often the group itself is right."""
-    in_old = (l[old][:, :known].argmax(1) == y[old]).float().mean()
-    in_new = (l[~old][:, known:total].argmax(1) + known == y[~old]).float().mean()
     group = ((l.argmax(1) < known) == old).float().mean()
-    return (f"old images among old classes {100*in_old:.1f}, new among new {100*in_new:.1f}; "
+    return (f"old images among old classes {among(l, 0, known):.1f}, new among new {among(l, known, total):.1f}; "
             f"group (old vs new) right for {100*group:.1f}% of images")
 def per_task(l):
     """Forgetting free of every between-task bias: each task's test images classified among that
     task's own classes only (task 0's figure compares with the first phase's test accuracy)."""
     bounds = [0] + totals
-    parts = []
-    for t in range(len(totals)):
-        lo, hi = bounds[t], bounds[t + 1]
-        sel = (y >= lo) & (y < hi)
-        parts.append(f"task {t} {100*(l[sel][:, lo:hi].argmax(1) + lo == y[sel]).float().mean():.1f}")
-    return ", ".join(parts)
+    return ", ".join(f"task {t} {among(l, bounds[t], bounds[t + 1]):.1f}" for t in range(len(totals)))
 w2 = weights(run["beta2"], run["synthetic_train_per_class"])
 print("per-class weights (beta2):", [round(float(v),3) for v in w2[[0, -1]]], "old / new")
 print("raw logits (PyCIL's evaluation):", acc(logits))

@@ -43,7 +43,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 def jpeg_bytes(image: np.ndarray, quality: int, subsampling: int = -1) -> int:
     """Bytes of ``image`` (uint8 [H, W, 3]) as a JPEG file at ``quality`` (PIL; -1 = PIL's default
-    chroma subsampling for that quality, what ``skimage.io.imsave(quality=q)`` writes)."""
+    chroma subsampling for that quality, what ``skimage.io.imsave(quality=q)`` writes). Not the
+    memory's ``core.pixel_codec.encode``: a file keeps its own tables (the memory shares them), the
+    references need quality 96 (the memory caps JPEG at 95) and a chosen subsampling."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=int(quality), subsampling=subsampling)
     return len(buf.getvalue())

@@ -160,7 +160,7 @@ class MainRuns:
             raise KeyError(f"run {key!r} was never submitted")
         while key not in self.done:
             self._fill()
-            self._reap(block=True)
+            self._reap()
         return self.done[key]
 
     def _fill(self) -> None:
@@ -172,7 +172,8 @@ class MainRuns:
             proc = subprocess.Popen(command, cwd=self.root, env=full_env, stdout=out, stderr=err, text=True)
             self.running[key] = (proc, out, err, time.monotonic())
 
-    def _reap(self, block: bool) -> None:
+    def _reap(self) -> None:
+        """Wait until one running run ends and collect it."""
         while self.running:
             for key, (proc, out, err, started) in list(self.running.items()):
                 if proc.poll() is None and time.monotonic() - started > RUN_TIMEOUT_S:
@@ -184,8 +185,6 @@ class MainRuns:
                     out.close(), err.close()
                     del self.running[key]
                     return
-            if not block:
-                return
             time.sleep(0.2)
 
 
