@@ -27,6 +27,10 @@ Resuming: a run whose ``results.json`` says ``finished`` and whose ``config.json
 planned config is skipped; any other run (never started, crashed, killed) is run again from the
 start. A finished run made with another config is an error unless ``force`` is given (then it is
 run again), so results of different settings never mix in one table.
+
+Side by side (``jobs`` > 1, see side_by_side.py): up to ``jobs`` runs at once, each with its share of
+the cores as torch threads; a variant waits for its off run's phase-0 checkpoint (copied as soon as
+the run logs it), not for the whole off run.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +51,9 @@ from tqdm import tqdm
 
 from .atomic import atomic_open
 from .config import ABLATION_VARIANTS, ALL_VARIANTS, SUPPORTED_LEARNERS, variant_keys
-from .launch import RunError, patched_pycil_root, run_pycil
+from .launch import RunError, patched_pycil_root, run_pycil, sigterm_raises
 from .metrics import mean_std
+from .side_by_side import GateClosed, Task, run_side_by_side
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +232,15 @@ def run_state(run_dir: Path, config: dict) -> str:
 
 
 def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False, echo: Callable | None = None,
-            runner: Callable = run_pycil) -> dict[str, list[str]]:
-    """Run what is not done yet, one progress bar over all runs; returns run names by outcome
-    ("skipped", "ran", "failed"). A failed run is reported and the others still run."""
+            runner: Callable = run_pycil, jobs: int = 1) -> dict[str, list[str]]:
+    """Run what is not done yet, up to ``jobs`` runs at once, one progress bar over all runs; returns
+    run names by outcome ("skipped", "ran", "failed"). A failed run is reported and the others still
+    run; each list is in plan order. A variant that starts from a shared first phase waits for its ``off`` run's phase-0
+    checkpoint, not for the whole off run (if the off run fails before it, the variant fails without
+    running). With ``jobs`` > 1 each run gets ``run_threads(jobs)`` torch threads."""
     out = Path(out)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise AblationError(f"jobs must be an integer >= 1, got {jobs!r}")
     states = {s.name: run_state(out / "runs" / s.name, s.config) for s in specs}
     stale = [n for n, st in states.items() if st == "stale"]
     if stale and not force:
@@ -236,34 +248,92 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
             f"{len(stale)} finished run(s) in {out} were made with another config ({', '.join(stale[:4])}"
             f"{' ...' if len(stale) > 4 else ''}): use another --out, or --force to run them again"
         )
-    outcome: dict[str, list[str]] = {"skipped": [], "ran": [], "failed": []}
-    bar = tqdm(specs, desc="ablation", unit="run", dynamic_ncols=True)
-    for spec in bar:
-        bar.set_postfix_str(spec.name)
-        if states[spec.name] == "done":
-            outcome["skipped"].append(spec.name)
-            continue
-        run_dir = out / "runs" / spec.name
-        try:
-            wall = _run_one(spec, run_dir, root, echo, runner)
-        except RunError as err:
-            outcome["failed"].append(spec.name)
-            tqdm.write(f"[ablation] {spec.name} FAILED: {err}")
-            continue
-        outcome["ran"].append(spec.name)
-        tqdm.write(f"[ablation] {spec.name} done in {wall:.0f} s")
-    bar.close()
-    return outcome
+    outcome: dict[str, list[str]] = {"skipped": [n for n, st in states.items() if st == "done"], "ran": [], "failed": []}
+    todo = {s.name: s for s in specs if states[s.name] != "done"}
+    bar = tqdm(total=len(specs), initial=len(outcome["skipped"]), desc="ablation", unit="run", dynamic_ncols=True)
+    children: list = []  # the PyCIL processes, stopped by this (main) thread on Ctrl-C / SIGTERM
+    env = {} if jobs == 1 else run_threads(jobs)
+
+    def task(spec: RunSpec) -> Task:
+        off = RunSpec(spec.learner, "off", spec.seed, {}).name
+        waits = off if spec.config.get("cim_first_phase_from") and off in todo else None
+        line_echo = echo if echo is None or jobs == 1 else (lambda line, name=spec.name: echo(f"[{name}] {line}"))
+        return Task(spec.name, lambda opened: _run_one(spec, out / "runs" / spec.name, root, line_echo, runner, opened,
+                                                       env=env, on_start=children.append), waits)
+
+    def started(task: Task) -> None:
+        bar.set_postfix_str(task.name)
+        if jobs > 1:
+            tqdm.write(f"[ablation] {task.name} started")
+
+    def ended(task: Task, wall: float | None, error: BaseException | None) -> None:
+        bar.update(1)
+        if isinstance(error, (RunError, GateClosed)):
+            outcome["failed"].append(task.name)
+            tqdm.write(f"[ablation] {task.name} FAILED: {error}")
+        elif error is not None:
+            raise error
+        else:
+            outcome["ran"].append(task.name)
+            tqdm.write(f"[ablation] {task.name} done in {wall:.0f} s")
+
+    def stop() -> None:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+
+    try:
+        with sigterm_raises():
+            run_side_by_side([task(s) for s in todo.values()], jobs, started, ended, stop)
+    finally:
+        bar.close()
+    order = {s.name: i for i, s in enumerate(specs)}  # plan order, whatever order the runs ended in
+    return {kind: sorted(names, key=order.__getitem__) for kind, names in outcome.items()}
 
 
-def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner) -> float:
+def run_threads(jobs: int) -> dict[str, str]:
+    """Environment of each of ``jobs`` runs side by side: the machine's cores shared out (at least one
+    thread each), unless the user set OMP_NUM_THREADS, which then applies to every run."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cores // jobs))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+#: The checkpoint mixin's log line once phase 0 is on disk (written, or found again on resuming).
+FIRST_PHASE_LINE = re.compile(r"cim-plugin: (?:checkpoint of task 0 written to|resumed task 0 from) (.+?) \(state sha256")
+
+
+def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner, opened: Callable[[], None] = lambda: None,
+             **runner_options) -> float:
+    """One PyCIL run into ``run_dir``. The shared first phase (the ``off`` run's phase-0 checkpoint)
+    is copied to ``run_dir/first_phase.pt`` as soon as the run logs it, and ``opened()`` is called,
+    so that the variants waiting for it can start; again, as a check, once the run has finished."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("results.json", "gallery.npz", FIRST_PHASE_FILE):  # leftovers of a crashed or stale run
         (run_dir / name).unlink(missing_ok=True)
     config_path = run_dir / "config.json"
     with atomic_open(config_path, "w") as f:
         json.dump(spec.config, f, indent=2)
-    results_file, wall = runner(root, config_path, run_dir / "pycil.log", echo)
+    shares_first_phase = spec.variant == "off" and bool(spec.config.get("cim_checkpoint"))
+
+    def share(checkpoint: Path) -> None:
+        with atomic_open(run_dir / FIRST_PHASE_FILE, "wb") as f, open(checkpoint, "rb") as src:
+            shutil.copyfileobj(src, f)
+        opened()
+
+    def watch(line: str) -> None:
+        found = FIRST_PHASE_LINE.search(line) if shares_first_phase else None
+        if found and not (run_dir / FIRST_PHASE_FILE).is_file():
+            try:
+                share(Path(root) / found.group(1))
+            except OSError as err:  # the copy at the end of the run decides
+                log.warning("cannot share the first phase of %s yet: %s", spec.name, err)
+        if echo is not None:
+            echo(line)
+
+    results_file, wall = runner(root, config_path, run_dir / "pycil.log", watch, **runner_options)
     try:
         results = json.loads(Path(results_file).read_text())
     except (OSError, ValueError) as err:
@@ -274,12 +344,11 @@ def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner) -> float:
     gallery = Path(base + "_gallery.npz")
     if gallery.is_file():
         shutil.copyfile(gallery, run_dir / "gallery.npz")
-    if spec.variant == "off" and spec.config.get("cim_checkpoint"):  # the shared first phase
+    if shares_first_phase:
         first = Path(base + "_ckpt") / "task_0.pt"
         if not first.is_file():
             raise RunError(f"{spec.name} wrote no phase-0 checkpoint {first} for the shared first phase")
-        with atomic_open(run_dir / FIRST_PHASE_FILE, "wb") as f, open(first, "rb") as src:
-            shutil.copyfileobj(src, f)
+        share(first)
     results["ablation"] = {"learner": spec.learner, "variant": spec.variant, "seed": spec.seed,
                            "shared_first_phase": bool(spec.config.get("cim_first_phase_from") or spec.config.get("cim_checkpoint")),
                            "launcher_wall_s": round(wall, 2), "pycil_results_file": str(results_file)}
@@ -464,7 +533,7 @@ def report(out: Path, figures: bool = True) -> dict[str, Path]:
 def run_ablation(config_paths: Sequence[str | Path], variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (1993,),
                  out: str | Path = "cim_ablation", root: Path | None = None, force: bool = False,
                  echo: Callable | None = None, figures: bool = True,
-                 shared_first_phase: bool = True) -> tuple[dict, dict]:
+                 shared_first_phase: bool = True, jobs: int = 1) -> tuple[dict, dict]:
     """Plan, validate, run what is missing, report. Returns (outcomes by kind, written files)."""
     try:
         root = patched_pycil_root(root)
@@ -474,11 +543,15 @@ def run_ablation(config_paths: Sequence[str | Path], variants: Sequence[str] = V
     out = Path(out)
     specs = plan(configs, variants, seeds, out if shared_first_phase else None)
     check_plan(specs)
+    side = ""
+    if jobs > 1:
+        threads = run_threads(jobs).get("OMP_NUM_THREADS") or f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+        side = f"; up to {jobs} runs at a time, {threads} torch thread(s) each"
     print(f"[ablation] {len(specs)} runs ({len(configs)} learner(s) × {len(variants)} variant(s) × {len(seeds)} seed(s)) "
           f"in {out}; PyCIL at {root}; "
-          + ("first phase shared per learner and seed (trained by 'off')" if shared_first_phase else "independent runs"),
-          flush=True)
-    outcome = execute(specs, out, Path(root), force=force, echo=echo)
+          + ("first phase shared per learner and seed (trained by 'off')" if shared_first_phase else "independent runs")
+          + side, flush=True)
+    outcome = execute(specs, out, Path(root), force=force, echo=echo, jobs=jobs)
     written = report(out, figures=figures) if (outcome["ran"] or outcome["skipped"]) else {}
     if "aggregate.md" in written:
         print(written["aggregate.md"].read_text())

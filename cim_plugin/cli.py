@@ -128,6 +128,15 @@ def _add_run_options(p, variants: tuple[str, ...], out: str, out_help: str) -> N
     p.add_argument("--out", default=out, help=f"{out_help} (default: ./{out})")
     p.add_argument("--verbose", action="store_true", help="echo PyCIL's output while it runs")
 
+    def jobs(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"--jobs takes an integer >= 1, got {text!r}")
+        return int(text)
+
+    p.add_argument("--jobs", type=jobs, default=1,
+                   help="PyCIL runs at a time (default 1), each with cores / jobs torch threads unless OMP_NUM_THREADS "
+                        "is set; a variant starts as soon as its off run's first phase is on disk")
+
 
 def _add_demo(sub) -> None:
     from cim_plugin.config import SUPPORTED_LEARNERS
@@ -151,7 +160,7 @@ def _run_demo(args) -> int:
 
     with _user_errors(demo.DemoError):
         demo.run_demo(args.learners, Path(args.out), echo=_echo if args.verbose else None, variants=args.variants,
-                      shared_first_phase=not args.independent)
+                      shared_first_phase=not args.independent, jobs=args.jobs)
     return 0
 
 
@@ -181,7 +190,7 @@ def _run_ablate(args) -> int:
     with _user_errors(ablation.AblationError):
         outcome, _ = ablation.run_ablation(args.configs, args.variants, args.seeds, args.out, force=args.force,
                                            echo=_echo if args.verbose else None, figures=not args.no_figures,
-                                           shared_first_phase=not args.independent)
+                                           shared_first_phase=not args.independent, jobs=args.jobs)
     return 1 if outcome["failed"] else 0
 
 

@@ -35,11 +35,11 @@ def demo_config(learner: str) -> Path:
 
 
 def run_demo(learners: Sequence[str] = ("icarl",), out_dir: Path | None = None, root: Path | None = None, echo=None,
-             variants: Sequence[str] = VARIANTS, shared_first_phase: bool = True) -> list[dict]:
+             variants: Sequence[str] = VARIANTS, shared_first_phase: bool = True, jobs: int = 1) -> list[dict]:
     out_dir = Path(out_dir or Path.cwd() / "cim_demo")
     try:
         outcome, _ = ablation.run_ablation([demo_config(name) for name in learners], variants, (DEMO_SEED,), out_dir,
-                                           root=root, echo=echo, shared_first_phase=shared_first_phase)
+                                           root=root, echo=echo, shared_first_phase=shared_first_phase, jobs=jobs)
     except ablation.AblationError as err:
         raise DemoError(str(err)) from None
     if outcome["failed"]:

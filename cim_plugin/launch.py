@@ -54,19 +54,24 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_pycil(root: Path, config: Path, log_path: Path, echo=None) -> tuple[Path, float]:
+def run_pycil(root: Path, config: Path, log_path: Path, echo=None, env: dict | None = None,
+              on_start=None) -> tuple[Path, float]:
     """Run ``python main.py --config config`` in ``root``, its output into ``log_path``;
-    returns (results file, wall seconds). ``echo(line)`` also receives every output line.
+    returns (results file, wall seconds). ``echo(line)`` also receives every output line; ``env``
+    adds variables to this process's environment; ``on_start(proc)`` receives the child once started
+    (the side-by-side runner keeps them to stop them: only the main thread gets signals).
     Stopping this process (Ctrl-C, SIGTERM) or a failing ``echo`` kills the PyCIL run first."""
     t0 = time.time()
     results = None
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with sigterm_raises(), open(log_path, "w", buffering=1) as log, subprocess.Popen(
         [sys.executable, "main.py", "--config", str(Path(config).resolve())],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     ) as proc:
         try:
+            if on_start is not None:
+                on_start(proc)
             for line in proc.stdout:
                 log.write(line)
                 if line.startswith(RESULTS_MARK):

@@ -93,7 +93,7 @@ class FakeRunner:
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)
 
-    def __call__(self, root, config_path, log_path, echo):
+    def __call__(self, root, config_path, log_path, echo, **options):
         config = json.loads(Path(config_path).read_text())
         name = Path(config_path).parent.name
         self.calls.append(name)

@@ -4,6 +4,8 @@ stands in for PyCIL's main.py; the real runner is tested in test_pycil_integrati
 import csv
 import io
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,7 +164,7 @@ def test_shared_first_phase_off_writes_it_and_the_variants_start_from_it(tmp_pat
 
 def test_shared_first_phase_off_without_checkpoint_is_a_failed_run(tmp_path):
     class NoCheckpoint(FakeRunner):
-        def __call__(self, root, config_path, log_path, echo):
+        def __call__(self, root, config_path, log_path, echo, **options):
             config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "cim_checkpoint": False}))
             return super().__call__(root, config_path, log_path, echo)
 
@@ -181,7 +183,7 @@ def test_gain_table_splits_first_and_later_phases_against_off(tmp_path):
 
 def test_phase_table_gives_old_and_new_class_accuracy_per_phase(tmp_path):
     class OldNew(FakeRunner):
-        def __call__(self, root, config_path, log_path, echo):
+        def __call__(self, root, config_path, log_path, echo, **options):
             out, wall = super().__call__(root, config_path, log_path, echo)
             results = json.loads(out.read_text())
             seed = json.loads(config_path.read_text())["seed"][0]
@@ -193,3 +195,84 @@ def test_phase_table_gives_old_and_new_class_accuracy_per_phase(tmp_path):
     table = ablation.phase_table(ablation.collect(tmp_path))
     assert table.splitlines()[0] == "| learner | variant | phase 1 old / new |"
     assert table.splitlines()[2] == "| icarl | off | 15.0 / 80.0 |"
+
+
+# ----------------------------------------------------------------- runs side by side (--jobs)
+
+SHARED_LINE = "2026-12-03 [checkpoint.py] => cim-plugin: checkpoint of task 0 written to {} (state sha256 abc)\n"
+
+
+class Pipelined(FakeRunner):
+    """off logs its phase-0 checkpoint, then waits (up to 10 s) for a variant to start before it ends."""
+
+    def __init__(self, fail_after_phase0=()):
+        super().__init__()
+        self.variant_started, self.fail_after_phase0 = threading.Event(), set(fail_after_phase0)
+        self.overlapped, self.seen, self.options = {}, {}, {}
+
+    def __call__(self, root, config_path, log_path, echo, **options):
+        config = json.loads(Path(config_path).read_text())
+        name = Path(config_path).parent.name
+        self.options[name] = options
+        if config.get("cim_checkpoint"):
+            ckpt = Path(root) / f"{name}_ckpt" / "task_0.pt"
+            ckpt.parent.mkdir(exist_ok=True)
+            ckpt.write_bytes(f"phase 0 of {name}".encode())
+            echo(SHARED_LINE.format(ckpt.relative_to(root)))
+            self.overlapped[name] = self.variant_started.wait(10)
+            if name in self.fail_after_phase0:
+                raise ablation.RunError(f"{name} crashed in phase 1")
+        else:
+            self.variant_started.set()
+            self.seen[name] = Path(config["cim_first_phase_from"]).read_bytes()
+        return super().__call__(root, config_path, log_path, echo)
+
+
+def test_side_by_side_a_variant_starts_once_off_has_shared_its_first_phase(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runner = Pipelined()
+    specs = ablation.plan([BASE], ["cam", "off"], [1], shared_first_phase_in=tmp_path)
+    out = ablation.execute(specs, tmp_path, tmp_path, runner=runner, jobs=2)
+    assert out == {"skipped": [], "ran": ["icarl_off_s1", "icarl_cam_s1"], "failed": []}
+    assert runner.overlapped == {"icarl_off_s1": True}  # cam ran while off was still running
+    assert runner.seen == {"icarl_cam_s1": b"phase 0 of icarl_off_s1"}
+    cores = len(os.sched_getaffinity(0))
+    assert runner.options["icarl_cam_s1"]["env"] == {"OMP_NUM_THREADS": str(max(1, cores // 2)),
+                                                     "MKL_NUM_THREADS": str(max(1, cores // 2))}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    assert ablation.run_threads(2) == {}
+
+
+def test_one_at_a_time_a_variant_waits_for_the_whole_off_run(tmp_path):
+    runner = Pipelined()
+    runner.variant_started.set()  # off would wait 10 s for a variant that cannot start before it ends
+    out = ablation.execute(ablation.plan([BASE], ["cam", "off"], [1], shared_first_phase_in=tmp_path), tmp_path,
+                           tmp_path, runner=runner)
+    assert out["ran"] == ["icarl_off_s1", "icarl_cam_s1"] and runner.calls == ["icarl_off_s1", "icarl_cam_s1"]
+    assert runner.options["icarl_off_s1"]["env"] == {}
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_variant_whose_off_run_failed_before_its_first_phase_fails_without_running(tmp_path, jobs):
+    runner = FakeRunner(fail={"icarl_off_s1"})
+    specs = ablation.plan([BASE], ["cam", "off"], [1, 2], shared_first_phase_in=tmp_path)
+    out = ablation.execute(specs, tmp_path, tmp_path, runner=runner, jobs=jobs)
+    assert sorted(out["failed"]) == ["icarl_cam_s1", "icarl_off_s1"]
+    assert sorted(out["ran"]) == ["icarl_cam_s2", "icarl_off_s2"] and "icarl_cam_s1" not in runner.calls
+
+
+def test_a_variant_runs_when_its_off_run_fails_after_sharing_the_first_phase(tmp_path):
+    runner = Pipelined(fail_after_phase0={"icarl_off_s1"})
+    specs = ablation.plan([BASE], ["cam", "off"], [1], shared_first_phase_in=tmp_path)
+    out = ablation.execute(specs, tmp_path, tmp_path, runner=runner, jobs=2)
+    assert out["failed"] == ["icarl_off_s1"] and out["ran"] == ["icarl_cam_s1"]
+    assert runner.seen == {"icarl_cam_s1": b"phase 0 of icarl_off_s1"}
+
+
+def test_jobs_must_be_a_positive_integer(tmp_path, capsys):
+    with pytest.raises(ablation.AblationError, match="jobs must be an integer >= 1, got 0"):
+        ablation.execute(ablation.plan([BASE], ["off"], [1]), tmp_path, tmp_path, runner=FakeRunner(), jobs=0)
+    from cim_plugin import cli
+
+    assert cli.main(["ablate", "x.json", "--jobs", "0"]) == 2
+    assert "--jobs takes an integer >= 1, got '0'" in capsys.readouterr().err

@@ -203,8 +203,12 @@ def test_ablation_runner_runs_resumes_and_reports(pycil, tmp_path, capsys):
     path = tmp_path / "icarl.json"
     path.write_text(json.dumps(config))
     out = tmp_path / "ablation"
-    outcome, written = ablation.run_ablation([path], ["off", "random", "oracle"], [5], out, root=pycil)
+    outcome, written = ablation.run_ablation([path], ["off", "random", "oracle"], [5], out, root=pycil, jobs=2)
     assert outcome == {"skipped": [], "ran": ["icarl_off_s5", "icarl_random_s5", "icarl_oracle_s5"], "failed": []}
+    # side by side: a variant starts once off has logged its phase-0 checkpoint, before off ends
+    printed = capsys.readouterr().out
+    assert "up to 2 runs at a time" in printed
+    assert printed.index("icarl_random_s5 started") < printed.index("icarl_off_s5 done")
     assert {"aggregate.md", "aggregate.csv", "runs.csv", "accuracy_per_phase.png", "exemplars_vs_bytes.png",
             "gallery_icarl_random.png"} <= set(written)
     res = json.loads((out / "runs" / "icarl_random_s5" / "results.json").read_text())

@@ -328,6 +328,51 @@ def test_stopping_the_launcher_stops_its_pycil_child(tmp_path, sig):
             os.kill(child, signal.SIGKILL)
 
 
+SIDE_BY_SIDE = """\
+import signal, sys
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from cim_plugin import ablation
+config = {"model_name": "icarl", "dataset": "synthetic", "prefix": "p"}
+ablation.execute(ablation.plan([config], ["off"], [1, 2]), Path(sys.argv[2]), Path(sys.argv[1]), jobs=2)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_runs_side_by_side_stops_every_pycil_child(tmp_path, sig):
+    """With --jobs the runs are watched by threads, which get no signals: the main thread stops them."""
+    (tmp_path / "main.py").write_text(FAKE_MAIN)
+    out = tmp_path / "out"
+    logs = [out / "runs" / f"icarl_off_s{seed}" / "pycil.log" for seed in (1, 2)]
+    parent = subprocess.Popen([sys.executable, "-c", SIDE_BY_SIDE, str(tmp_path), str(out)],
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    children = {}
+    try:
+        deadline = time.time() + 60
+        while len(children) < 2 and time.time() < deadline and parent.poll() is None:
+            for log in logs:
+                words = log.read_text().split() if log.exists() else []
+                if len(words) >= 2 and words[0] == "child":
+                    children[log] = int(words[1])
+            time.sleep(0.05)
+        assert len(children) == 2, parent.communicate(timeout=10)[0] if parent.poll() is not None else "children missing"
+        parent.send_signal(sig)
+        try:  # the children sleep 120 s: a launcher that waits for them instead of stopping them is too late
+            text = parent.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the launcher did not stop its PyCIL children within 60 s")
+        assert parent.returncode == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGINT), text
+        assert [pid for pid in children.values() if alive(pid)] == [], "a PyCIL child outlived its launcher"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in children.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_the_sigterm_handler_is_restored_after_the_run(tmp_path):
     from cim_plugin.launch import RunError, run_pycil
 
