@@ -24,8 +24,10 @@ the gain into the first phase (identical by construction) and the later phases, 
 and new-class accuracy per phase. ``shared_first_phase=False`` runs every variant independently.
 
 Resuming: a run whose ``results.json`` says ``finished`` and whose ``config.json`` equals the
-planned config is skipped; any other run (never started, crashed, killed) is run again from the
-start. A finished run made with another config is an error unless ``force`` is given (then it is
+planned config is skipped; any other run (never started, crashed, killed) is run again: from the
+start, or, if it writes checkpoints (the ``off`` run of a shared first phase, or every run when the
+config sets ``cim_checkpoint``), from its last finished phase (``cim_resume``; the tag keeps another
+setting's files apart, so only the same setting's phases are restored). A finished run made with another config is an error unless ``force`` is given (then it is
 run again), so results of different settings never mix in one table.
 
 Side by side (``jobs`` > 1, see side_by_side.py): up to ``jobs`` runs at once, each with its share of
@@ -144,8 +146,19 @@ def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None
             config["cim_checkpoint"] = True
         else:
             config["cim_first_phase_from"] = str(first_phase)
+    if config.get("cim_checkpoint"):  # a killed run goes on from its last phase when run again
+        config["cim_resume"] = True
     config["prefix"] = f"ablation_{variant}_{config_tag(config)}"
     return config
+
+
+#: Keys of a derived config that say how it is run, not what it learns: left out of the tag and of
+#: the comparison with a finished run's config (folders of ablations made before they were set stay valid).
+HOW_KEYS = ("prefix", "cim_resume")
+
+
+def same_setting(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k not in HOW_KEYS} == {k: v for k, v in b.items() if k not in HOW_KEYS}
 
 
 def config_tag(config: dict) -> str:
@@ -153,7 +166,7 @@ def config_tag(config: dict) -> str:
     and checkpoint files by prefix, seed and backbone under ``logs/<learner>/<dataset>/...``: with
     the tag in the prefix, ablations of different settings (or output folders) never share those
     files, while a re-run of the same planned config finds its own checkpoints again."""
-    body = {k: v for k, v in config.items() if k != "prefix"}
+    body = {k: v for k, v in config.items() if k not in HOW_KEYS}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -223,7 +236,7 @@ def run_state(run_dir: Path, config: dict) -> str:
     results, saved = run_dir / "results.json", run_dir / "config.json"
     try:
         finished = json.loads(results.read_text()).get("finished") is True
-        same = json.loads(saved.read_text()) == config
+        same = same_setting(json.loads(saved.read_text()), config)
     except (OSError, ValueError, AttributeError):
         return "todo"
     if not finished:

@@ -40,6 +40,23 @@ def test_the_prefix_separates_settings_so_pycil_files_are_never_shared(tmp_path)
     assert ablation.variant_config(BASE, "off", 8)["prefix"] != ablation.variant_config(BASE, "off", 7)["prefix"]
 
 
+def test_a_run_that_writes_checkpoints_resumes_from_them_when_run_again(tmp_path):
+    off = ablation.variant_config(BASE, "off", 7, tmp_path / "first_phase.pt")
+    cam = ablation.variant_config(BASE, "cam", 7, tmp_path / "first_phase.pt")
+    assert off["cim_checkpoint"] is True and off["cim_resume"] is True and "cim_resume" not in cam
+    assert ablation.variant_config({**BASE, "cim_checkpoint": True}, "cam", 7)["cim_resume"] is True
+    # how a run is resumed is not part of its setting: same tag, and a finished run of a folder made
+    # before the key was set is still done
+    assert ablation.config_tag(off) == ablation.config_tag({k: v for k, v in off.items() if k != "cim_resume"})
+    spec = ablation.plan([BASE], ["off"], [7], shared_first_phase_in=tmp_path)[0]
+    ablation.execute([spec], tmp_path, tmp_path, runner=FakeRunner())
+    saved = tmp_path / "runs" / spec.name / "config.json"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "cim_resume"}))
+    assert ablation.run_state(tmp_path / "runs" / spec.name, spec.config) == "done"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "memory_size": 1}))
+    assert ablation.run_state(tmp_path / "runs" / spec.name, spec.config) == "stale"
+
+
 def test_plan_orders_learner_variant_seed_and_rejects_duplicates():
     der = {**BASE, "model_name": "DER"}
     specs = ablation.plan([BASE, der], ["pau", "off", "cam"], [2, 1])

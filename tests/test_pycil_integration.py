@@ -232,6 +232,15 @@ def test_ablation_runner_runs_resumes_and_reports(pycil, tmp_path, capsys):
     outcome, _ = ablation.run_ablation([path], ["off", "random"], [5], out, root=pycil, figures=False)
     assert outcome == {"skipped": ["icarl_off_s5"], "ran": ["icarl_random_s5"], "failed": []}
     assert "ran 1, skipped 1 already finished, failed 0" in capsys.readouterr().out
+    # the off run writes checkpoints: run again, it restores its phases instead of training them
+    (out / "runs" / "icarl_off_s5" / "results.json").unlink()
+    outcome, _ = ablation.run_ablation([path], ["off"], [5], out, root=pycil, figures=False)
+    assert outcome["ran"] == ["icarl_off_s5"]
+    log = (out / "runs" / "icarl_off_s5" / "pycil.log").read_text()
+    assert "cim-plugin: resumed task 0" in log and "cim-plugin: resumed task 1" in log
+    again = json.loads((out / "runs" / "icarl_off_s5" / "results.json").read_text())
+    assert [p["cnn_top1"] for p in again["phases"]] == [p["cnn_top1"] for p in off["phases"]]
+    assert (out / "runs" / "icarl_off_s5" / "first_phase.pt").is_file()
 
 
 def test_a_jpeg_coded_memory_trains_checkpoints_and_resumes_inside_pycil(pycil, tmp_path):
