@@ -129,10 +129,12 @@ def run_dir_of(out: Path, learner: str, variant: str, seed: int) -> Path:
     return Path(out) / "runs" / RunSpec(learner, variant, seed, {}).name
 
 
-def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None = None) -> dict:
+def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None = None,
+                   trained_here: bool = True) -> dict:
     """The base config with the variant's plugin switches and one seed; nothing else changes.
     ``first_phase``: the shared phase-0 checkpoint (shared-first-phase mode): the off run writes
-    it (``cim_checkpoint``), the other variants start from it (``cim_first_phase_from``)."""
+    it (``cim_checkpoint``), the other variants start from it (``cim_first_phase_from``); with
+    ``trained_here`` False another ablation wrote it and every variant, off too, starts from it."""
     try:
         keys = variant_keys(variant)
     except ValueError as err:
@@ -142,7 +144,7 @@ def variant_config(base: dict, variant: str, seed: int, first_phase: Path | None
     config["seed"] = [int(seed)]
     config.update(keys if keys is not None else {"cim": False})
     if first_phase is not None:
-        if variant == "off":
+        if variant == "off" and trained_here:
             config["cim_checkpoint"] = True
         else:
             config["cim_first_phase_from"] = str(first_phase)
@@ -171,11 +173,15 @@ def config_tag(config: dict) -> str:
 
 
 def plan(configs: Sequence[dict], variants: Sequence[str], seeds: Sequence[int],
-         shared_first_phase_in: Path | None = None) -> list[RunSpec]:
+         shared_first_phase_in: Path | None = None, first_phase_from: Path | None = None) -> list[RunSpec]:
     """Runs in order learner → variant → seed; one config per learner. ``shared_first_phase_in``:
-    the ablation's output folder, for the shared-first-phase mode (see the module docstring)."""
+    the ablation's output folder, for the shared-first-phase mode (see the module docstring).
+    ``first_phase_from``: another ablation's output folder whose off runs' first phases every run
+    here starts from (its ``runs/<learner>_off_s<seed>/first_phase.pt`` must exist)."""
     if not configs or not variants or not seeds:
         raise AblationError("an ablation needs at least one config, one variant and one seed")
+    if shared_first_phase_in is not None and first_phase_from is not None:
+        raise AblationError("the first phases are either trained here (shared) or taken from another ablation, not both")
     if shared_first_phase_in is not None and "off" not in variants:
         raise AblationError("a shared first phase is trained by the 'off' variant: add it to the variants "
                             "(or run the variants independently)")
@@ -188,17 +194,49 @@ def plan(configs: Sequence[dict], variants: Sequence[str], seeds: Sequence[int],
     for seed in seeds:
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise AblationError(f"seed {seed!r} must be an integer >= 0")
-    def first_phase(learner: str, seed: int) -> Path | None:
-        if shared_first_phase_in is None:
-            return None
-        return (run_dir_of(shared_first_phase_in, learner, "off", seed) / FIRST_PHASE_FILE).resolve()
+    source = shared_first_phase_in if shared_first_phase_in is not None else first_phase_from
 
+    def first_phase(learner: str, seed: int) -> Path | None:
+        return None if source is None else (run_dir_of(source, learner, "off", seed) / FIRST_PHASE_FILE).resolve()
+
+    if first_phase_from is not None:
+        missing = [str(first_phase(learner, seed)) for learner in learners for seed in seeds
+                   if not first_phase(learner, seed).is_file()]
+        if missing:
+            raise AblationError(f"no first phase in {first_phase_from} for {len(missing)} learner/seed pair(s): "
+                                + ", ".join(missing) + " (its off runs write them in shared-first-phase mode)")
     return [
-        RunSpec(learner, variant, seed, variant_config(config, variant, seed, first_phase(learner, seed)))
+        RunSpec(learner, variant, seed, variant_config(config, variant, seed, first_phase(learner, seed),
+                                                       trained_here=first_phase_from is None))
         for learner, config in zip(learners, configs)
         for variant in sorted(variants, key=_variant_rank)
         for seed in seeds
     ]
+
+
+#: Keys not compared by ``first_phase_differences``: the variant's, the seed's, and how a run is run.
+_NOT_SETTING = frozenset({*HOW_KEYS, "seed", "cim", "cim_mask", "cim_codec", "cim_memory", "cim_freeze_lower",
+                          "cim_checkpoint", "cim_first_phase_from"})
+
+
+def first_phase_differences(configs: Sequence[dict], first_phase_from: Path) -> list[str]:
+    """What the setting of each learner here changes against the ablation whose first phases it
+    starts from (that ablation's off run of the same learner, first seed found): "learner: key there
+    -> here" per differing key. The first phase is only loaded; the keys that decide how it was
+    trained are for the user to judge (a smaller memory_size, another codec: fine; other init_epochs:
+    not the same experiment)."""
+    lines = []
+    for config in configs:
+        learner = str(config["model_name"]).lower()
+        found = sorted(Path(first_phase_from, "runs").glob(f"{learner}_off_s*/config.json"))
+        if not found:
+            continue
+        there = json.loads(found[0].read_text())
+        here = variant_config(config, "off", 0)
+        for key in sorted((set(there) | set(here)) - _NOT_SETTING):
+            if there.get(key) != here.get(key):
+                lines.append(f"{learner}: {key} {there.get(key, '(unset)')!r} -> {here.get(key, '(unset)')!r}")
+    return lines
 
 
 def check_plan(specs: Iterable[RunSpec]) -> None:
@@ -269,7 +307,8 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
 
     def task(spec: RunSpec) -> Task:
         off = RunSpec(spec.learner, "off", spec.seed, {}).name
-        waits = off if spec.config.get("cim_first_phase_from") and off in todo else None
+        here = str((out / "runs" / off / FIRST_PHASE_FILE).resolve())  # written by this ablation's off run
+        waits = off if spec.config.get("cim_first_phase_from") == here and off in todo else None
         line_echo = echo if echo is None or jobs == 1 else (lambda line, name=spec.name: echo(f"[{name}] {line}"))
         return Task(spec.name, lambda opened: _run_one(spec, out / "runs" / spec.name, root, line_echo, runner, opened,
                                                        env=env, on_start=children.append), waits)
@@ -546,15 +585,22 @@ def report(out: Path, figures: bool = True) -> dict[str, Path]:
 def run_ablation(config_paths: Sequence[str | Path], variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (1993,),
                  out: str | Path = "cim_ablation", root: Path | None = None, force: bool = False,
                  echo: Callable | None = None, figures: bool = True,
-                 shared_first_phase: bool = True, jobs: int = 1) -> tuple[dict, dict]:
-    """Plan, validate, run what is missing, report. Returns (outcomes by kind, written files)."""
+                 shared_first_phase: bool = True, jobs: int = 1,
+                 first_phase_from: str | Path | None = None) -> tuple[dict, dict]:
+    """Plan, validate, run what is missing, report. Returns (outcomes by kind, written files).
+    ``first_phase_from``: start every run from another ablation's first phases (see ``plan``)."""
     try:
         root = patched_pycil_root(root)
     except RunError as err:
         raise AblationError(str(err)) from None
     configs = [load_config(p, Path(root)) for p in config_paths]
     out = Path(out)
-    specs = plan(configs, variants, seeds, out if shared_first_phase else None)
+    source = None if first_phase_from is None else Path(first_phase_from)
+    if source is not None and not shared_first_phase:
+        raise AblationError("independent runs train their own first phases: leave out the first phases of another ablation")
+    if source is not None and source.resolve() == out.resolve():
+        raise AblationError(f"the first phases must come from another ablation's folder than {out}")
+    specs = plan(configs, variants, seeds, out if shared_first_phase and source is None else None, source)
     check_plan(specs)
     side = ""
     if jobs > 1:
@@ -562,8 +608,13 @@ def run_ablation(config_paths: Sequence[str | Path], variants: Sequence[str] = V
         side = f"; up to {jobs} runs at a time, {threads} torch thread(s) each"
     print(f"[ablation] {len(specs)} runs ({len(configs)} learner(s) × {len(variants)} variant(s) × {len(seeds)} seed(s)) "
           f"in {out}; PyCIL at {root}; "
-          + ("first phase shared per learner and seed (trained by 'off')" if shared_first_phase else "independent runs")
+          + (f"first phases from {source}" if source is not None else
+             "first phase shared per learner and seed (trained by 'off')" if shared_first_phase else "independent runs")
           + side, flush=True)
+    if source is not None:
+        differences = first_phase_differences(configs, source)
+        print(f"[ablation] setting here against {source}: "
+              + ("the same" if not differences else "\n  " + "\n  ".join(differences)), flush=True)
     outcome = execute(specs, out, Path(root), force=force, echo=echo, jobs=jobs)
     written = report(out, figures=figures) if (outcome["ran"] or outcome["skipped"]) else {}
     if "aggregate.md" in written:

@@ -175,6 +175,10 @@ def _add_ablate(sub) -> None:
     p.add_argument("--force", action="store_true", help="run again finished runs whose config changed")
     p.add_argument("--no-figures", action="store_true", help="tables only")
     _add_run_options(p, ABLATION_VARIANTS, "cim_ablation", "output folder")
+    p.add_argument("--first-phase-from", metavar="OUT", default=None,
+                   help="start every run, off included, from the first phases another ablation's off runs trained "
+                        "(OUT/runs/<learner>_off_s<seed>/first_phase.pt): a new setting of the later phases "
+                        "(budget, codec, threshold) compared on the same first-phase models")
 
 
 def _run_ablate(args) -> int:
@@ -190,7 +194,8 @@ def _run_ablate(args) -> int:
     with _user_errors(ablation.AblationError):
         outcome, _ = ablation.run_ablation(args.configs, args.variants, args.seeds, args.out, force=args.force,
                                            echo=_echo if args.verbose else None, figures=not args.no_figures,
-                                           shared_first_phase=not args.independent, jobs=args.jobs)
+                                           shared_first_phase=not args.independent, jobs=args.jobs,
+                                           first_phase_from=args.first_phase_from)
     return 1 if outcome["failed"] else 0
 
 

@@ -293,3 +293,40 @@ def test_jobs_must_be_a_positive_integer(tmp_path, capsys):
 
     assert cli.main(["ablate", "x.json", "--jobs", "0"]) == 2
     assert "--jobs takes an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+# --------------------------------------------------- first phases of another ablation
+
+
+def test_every_run_starts_from_another_ablations_first_phases(tmp_path, capsys):
+    first = tmp_path / "first"
+    ablation.execute(ablation.plan([BASE], ["off"], [1, 2], shared_first_phase_in=first), first, tmp_path,
+                     runner=FakeRunner())
+    smaller = {**BASE, "memory_size": 20}
+    specs = ablation.plan([smaller], ["cam", "off"], [1, 2], first_phase_from=first)
+    for spec in specs:  # off too; nothing here writes or waits for a first phase
+        assert spec.config["cim_first_phase_from"] == str((first / "runs" / f"icarl_off_s{spec.seed}" / "first_phase.pt").resolve())
+        assert "cim_checkpoint" not in spec.config
+    runner = Pipelined()  # a variant would wait 10 s for an off run that never shares
+    runner.variant_started.set()
+    out = ablation.execute(specs, tmp_path / "second", tmp_path, runner=runner, jobs=2)
+    assert out["failed"] == [] and len(out["ran"]) == 4
+    assert ablation.first_phase_differences([smaller], first) == ["icarl: memory_size 60 -> 20"]
+    assert ablation.first_phase_differences([BASE], first) == []
+
+
+def test_first_phases_from_another_ablation_must_be_there(tmp_path):
+    with pytest.raises(ablation.AblationError, match=r"no first phase in .* for 2 learner/seed pair\(s\): .*icarl_off_s1/first_phase.pt"):
+        ablation.plan([BASE], ["cam"], [1, 2], first_phase_from=tmp_path)
+    with pytest.raises(ablation.AblationError, match="either trained here"):
+        ablation.plan([BASE], ["off"], [1], shared_first_phase_in=tmp_path, first_phase_from=tmp_path)
+
+
+def test_first_phases_from_another_ablation_are_refused_with_independent_runs_or_the_same_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "patched_pycil_root", lambda root: tmp_path)
+    path = tmp_path / "icarl.json"
+    path.write_text(json.dumps(BASE))
+    with pytest.raises(ablation.AblationError, match="independent runs train their own first phases"):
+        ablation.run_ablation([path], ["off"], [1], tmp_path / "out", shared_first_phase=False, first_phase_from=tmp_path)
+    with pytest.raises(ablation.AblationError, match="another ablation's folder than"):
+        ablation.run_ablation([path], ["off"], [1], tmp_path / "out", first_phase_from=tmp_path / "out")
