@@ -26,6 +26,10 @@ class Trainer:
     def _init_train(self, train_loader, test_loader, optimizer, scheduler):
         self.trained.append(self._cur_task)
 
+    def incremental_train(self, data_manager):  # PyCIL's: the task counter, then (phase 0) _init_train
+        self._cur_task += 1
+        self._init_train(None, None, None, None)
+
     def cim_net_skeleton(self, name, task, totals):  # a network recipe: its files are read with weights_only=True
         return TinyNet()
 
@@ -34,11 +38,11 @@ class Learner(FirstPhaseMixin, Trainer):
     pass
 
 
-def checkpoint(path, net, task=0, **run):
+def checkpoint(path, net, task=0, class_order=(3, 1, 0, 2, 4, 5, 6, 7, 8, 9), **run):
     """A checkpoint of ``task`` as checkpoint.py writes it (the parts the first phase reads)."""
     torch.save({"format": FORMAT, "version": VERSION, "learner_encoding": "explicit", "task": task,
                 "run": encode({**ARGS, **run}), "learner": {"_network": {MARK: "module", **module_entry(net)}},
-                "rng": encode(rng_states()), "digest": "x"}, path)
+                "rng": encode(rng_states()), "digest": "x", "class_order": list(class_order)}, path)
     return path
 
 
@@ -109,3 +113,24 @@ def test_a_network_that_does_not_fit_is_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="does not fit this run's"):
         make(checkpoint(tmp_path / "task_0.pt", Wider()))._init_train(None, None, None, None)
+
+
+def test_a_checkpoint_whose_first_classes_differ_is_refused(tmp_path):
+    """Same seed, another number of classes: the shuffled order, and so the phase-0 classes, differ."""
+
+    class Data:
+        def __init__(self, order):
+            self._class_order = list(order)
+
+        def get_task_size(self, task):
+            return 5
+
+    path = checkpoint(tmp_path / "task_0.pt", TinyNet(), class_order=[3, 1, 0, 2, 4, 9, 8, 7, 6, 5, 10])
+    learner = make(path)
+    learner._cur_task = -1
+    learner.incremental_train(Data([3, 1, 0, 2, 4, 5, 6, 7, 8, 9]))  # the same first five: later ones may differ
+    assert learner.trained == []
+    other = make(path)
+    other._cur_task = -1
+    with pytest.raises(CheckpointError, match=r"its first classes \(labels 0..4\) are \[3, 1, 0, 2, 4\], here \[3, 1, 0, 2, 5\]"):
+        other.incremental_train(Data([3, 1, 0, 2, 5, 4, 6, 7, 8, 9]))

@@ -47,6 +47,8 @@ class FirstPhaseMixin:
         self._later_seed = later_seed
 
     def incremental_train(self, data_manager):
+        if self._cur_task == -1:  # phase 0 is next: its classes, in the order that gives them their labels
+            self._first_phase_classes = [int(c) for c in data_manager._class_order[:data_manager.get_task_size(0)]]
         if self._later_seed is not None and self._cur_task == 0:  # the second phase is next
             seed_everything(self._later_seed)
             log.info("cim-plugin: generators reseeded with cim_later_seed %d before the second phase", self._later_seed)
@@ -78,6 +80,11 @@ class FirstPhaseMixin:
                     for k, v in self._first_phase_run.items() if k in run and run[k] != v]
         if payload.get("task") != 0:
             problems.append(f"it holds task {payload.get('task')}, not the first phase (task 0)")
+        mine = getattr(self, "_first_phase_classes", None)
+        theirs = payload.get("class_order")
+        if mine is not None and theirs is not None and [int(c) for c in theirs[:len(mine)]] != mine:
+            problems.append(f"its first classes (labels 0..{len(mine) - 1}) are {list(theirs[:len(mine)])}, here {mine} "
+                            "(another class order: e.g. another number of classes shuffled with the same seed)")
         if problems:
             raise CheckpointError(f"key 'cim_first_phase_from': {path} belongs to another setting:\n"
                                   + "\n".join(f"  - {p}" for p in problems))
