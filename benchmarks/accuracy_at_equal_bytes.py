@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cim_plugin import ablation
+from cim_plugin import ablation, ablation_report
 
 EXPS = Path(__file__).resolve().parent.parent / "exps"
 LEARNERS = ("icarl", "foster", "der", "lucir")
@@ -34,7 +34,7 @@ def verdicts(rows: list[dict], metric: str = "avg_incremental_cnn_top1") -> list
         if off is None or off[f"{metric}_mean"] is None:
             continue
         parts = [f"off {off[f'{metric}_mean']:.2f} ± {off[f'{metric}_std']:.2f}"]
-        names = sorted({r["variant"] for r in rows if r["learner"] == learner} - {"off"}, key=ablation._variant_rank)
+        names = sorted({r["variant"] for r in rows if r["learner"] == learner} - {"off"}, key=ablation_report.variant_rank)
         for variant in names:
             row = by.get((learner, variant))
             if row is None or row[f"{metric}_mean"] is None:
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     configs = args.configs or [EXPS / f"{name}_cim_demo.json" for name in args.learners]
     ablation.run_ablation(configs, args.variants, args.seeds, args.out)
-    rows = ablation.aggregate(ablation.collect(Path(args.out)))
+    rows = ablation_report.aggregate(ablation_report.collect(Path(args.out)))
     for metric, title in (("avg_incremental_cnn_top1", "average incremental CNN top-1"),
                           ("later_phases_avg_cnn_top1", "CNN top-1 of the phases after the shared first one"),
                           ("avg_incremental_nme_top1", "average incremental NME top-1")):

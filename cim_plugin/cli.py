@@ -208,10 +208,10 @@ def _add_report(sub) -> None:
 def _run_report(args) -> int:
     """Read OUT/runs/*/results.json of finished runs and write aggregate.md, aggregate.csv,
     runs.csv and figures/*.png (mean ± std over seeds, one row per learner × variant)."""
-    from cim_plugin import ablation
+    from cim_plugin import ablation, ablation_report
 
     with _user_errors(ablation.AblationError):
-        written = ablation.report(args.out, figures=not args.no_figures)
+        written = ablation_report.report(args.out, figures=not args.no_figures)
     print(written["aggregate.md"].read_text())
     for path in written.values():
         print(f"wrote {path}")

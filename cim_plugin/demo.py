@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from . import ablation, locate
+from . import ablation, ablation_report, locate
 from .launch import RESULTS_MARK, RunError  # noqa: F401 (RESULTS_MARK: re-exported)
 
 DEMO_LEARNERS = ("icarl", "der", "foster", "lucir")
@@ -44,7 +44,7 @@ def run_demo(learners: Sequence[str] = ("icarl",), out_dir: Path | None = None, 
         raise DemoError(str(err)) from None
     if outcome["failed"]:
         raise DemoError(f"demo run(s) failed: {', '.join(outcome['failed'])}; see {out_dir / 'runs'}/*/pycil.log")
-    runs = ablation.collect(out_dir)
+    runs = ablation_report.collect(out_dir)
     table = comparison_table(runs)
     (out_dir / "comparison.md").write_text(table + "\n")
     print(table)
@@ -57,7 +57,7 @@ def _per_phase(phases: list[dict], key: str, fmt: str = "{:.1f}") -> str:
 
 
 def comparison_table(runs: Sequence[dict]) -> str:
-    """One row per run (``ablation.collect``'s dicts) and, per plugin run, its ratios to off."""
+    """One row per run (``ablation_report.collect``'s dicts) and, per plugin run, its ratios to off."""
     head = (
         "| learner | variant | CNN top-1 per phase | old / new classes (last phase) | avg inc. CNN | exemplars/class "
         "| box recall / area (last phase) | bytes used / budget | wall s |\n|---|---|---|---|---|---|---|---|---|"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cim_plugin import ablation
+from cim_plugin import ablation, ablation_report
 
 from fakes import BASE, FakeRunner
 
@@ -124,7 +124,7 @@ def test_finished_runs_of_another_config_are_not_mixed_in(tmp_path):
 def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
     specs = ablation.plan([BASE], ["off", "cam", "pau"], [1, 3])
     ablation.execute(specs, tmp_path, tmp_path, runner=FakeRunner())
-    written = ablation.report(tmp_path, figures=True)
+    written = ablation_report.report(tmp_path, figures=True)
     rows = list(csv.DictReader(io.StringIO((tmp_path / "aggregate.csv").read_text())))
     assert [(r["learner"], r["variant"], r["n_seeds"]) for r in rows] == [("icarl", "off", "2"), ("icarl", "cam", "2"), ("icarl", "pau", "2")]
     # avg inc. CNN of seed s: 50 + plus + s - 5 -> off 46 / 48, cam 56 / 58, pau 66 / 68
@@ -141,7 +141,7 @@ def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
 
 def test_report_of_an_empty_folder_says_so(tmp_path):
     with pytest.raises(ablation.AblationError, match="no finished runs"):
-        ablation.report(tmp_path)
+        ablation_report.report(tmp_path)
 
 
 def test_cli_ablate_reports_a_missing_config_plainly(tmp_path, monkeypatch, capsys):
@@ -157,7 +157,7 @@ def test_cli_ablate_reports_a_missing_config_plainly(tmp_path, monkeypatch, caps
 def test_tables_list_learners_in_the_plugin_order_then_variants(tmp_path):
     der, other = {**BASE, "model_name": "der"}, {**BASE, "model_name": "wa"}
     ablation.execute(ablation.plan([other, der, BASE], ["pau", "off"], [1]), tmp_path, tmp_path, runner=FakeRunner())
-    rows = ablation.aggregate(ablation.collect(tmp_path))
+    rows = ablation_report.aggregate(ablation_report.collect(tmp_path))
     assert [(r["learner"], r["variant"]) for r in rows] == [
         ("icarl", "off"), ("icarl", "pau"), ("der", "off"), ("der", "pau"), ("wa", "off"), ("wa", "pau")]
 
@@ -192,7 +192,7 @@ def test_shared_first_phase_off_without_checkpoint_is_a_failed_run(tmp_path):
 
 def test_gain_table_splits_first_and_later_phases_against_off(tmp_path):
     ablation.execute(ablation.plan([BASE], ["off", "cam"], [1, 2]), tmp_path, tmp_path, runner=FakeRunner())
-    table = ablation.gain_table(ablation.aggregate(ablation.collect(tmp_path)))
+    table = ablation_report.gain_table(ablation_report.aggregate(ablation_report.collect(tmp_path)))
     rows = {line.split(" | ")[1]: line.split(" | ") for line in table.splitlines()[2:]}
     assert rows["cam"][2] == "61.50 ± 0.71" and rows["cam"][4] == "+10.00 ± 0.00 (n=2)"  # later phases: 51.5 vs 41.5, per seed
     assert rows["off"][4] == "–"
@@ -209,7 +209,7 @@ def test_phase_table_gives_old_and_new_class_accuracy_per_phase(tmp_path):
             return out, wall
 
     ablation.execute(ablation.plan([BASE], ["off"], [1, 2]), tmp_path, tmp_path, runner=OldNew())
-    table = ablation.phase_table(ablation.collect(tmp_path))
+    table = ablation_report.phase_table(ablation_report.collect(tmp_path))
     assert table.splitlines()[0] == "| learner | variant | phase 1 old / new |"
     assert table.splitlines()[2] == "| icarl | off | 15.0 / 80.0 |"
 

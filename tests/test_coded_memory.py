@@ -96,12 +96,12 @@ def test_codec_keys_and_variants():
 
 
 def test_the_ablation_gives_codec_variants_their_keys():
-    from cim_plugin import ablation
+    from cim_plugin import ablation, ablation_report
 
     base = {"model_name": "icarl", "cim_codec": "jpeg", "seed": [1]}
     assert ablation.variant_config(base, "pau", 3)["cim_codec"] == "raw"  # a raw variant stays raw
     assert ablation.variant_config(base, "cam+png", 3)["cim_codec"] == "png"
-    assert sorted(["pau+jpeg", "mrdc", "pau", "off", "cam"], key=ablation._variant_rank) == ["off", "cam", "pau", "pau+jpeg", "mrdc"]
+    assert sorted(["pau+jpeg", "mrdc", "pau", "off", "cam"], key=ablation_report.variant_rank) == ["off", "cam", "pau", "pau+jpeg", "mrdc"]
 
 
 def test_jpeg_tables_are_stored_once_and_streams_decode_like_whole_files():
@@ -119,14 +119,14 @@ def test_jpeg_tables_are_stored_once_and_streams_decode_like_whole_files():
 
 
 def test_codec_variants_run_and_report_through_the_ablation(tmp_path):
-    from cim_plugin import ablation
+    from cim_plugin import ablation, ablation_report
 
     from fakes import BASE, FakeRunner
 
     specs = ablation.plan([BASE], ["off", "mrdc", "pau+jpeg", "pau"], [1], tmp_path)
     out = ablation.execute(specs, tmp_path, tmp_path, runner=FakeRunner())
     assert sorted(out["ran"]) == sorted(s.name for s in specs)
-    written = ablation.report(tmp_path, figures=True)
+    written = ablation_report.report(tmp_path, figures=True)
     table = written["aggregate.md"].read_text()
     assert [v for v in ("| off |", "| pau |", "| pau+jpeg |", "| mrdc |") if v not in table] == []
     assert table.index("| pau |") < table.index("| pau+jpeg |") < table.index("| mrdc |")

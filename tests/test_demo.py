@@ -1,13 +1,13 @@
 """The demo's comparison table, from runs made by the ablation runner with a fake PyCIL."""
 
-from cim_plugin import ablation, demo
+from cim_plugin import ablation, ablation_report, demo
 from fakes import BASE, FakeRunner
 
 
 def test_demo_comparison_names_the_gain_and_the_shared_first_phase(tmp_path):
     specs = ablation.plan([BASE], ["off", "pau"], [1993], shared_first_phase_in=tmp_path)
     ablation.execute(specs, tmp_path, tmp_path, runner=FakeRunner())
-    table = demo.comparison_table(ablation.collect(tmp_path))
+    table = demo.comparison_table(ablation_report.collect(tmp_path))
     lines = table.splitlines()
     assert lines[2].startswith("| icarl | off | 2043.0 / 2033.0 |") and lines[3].startswith("| icarl | pau | 2063.0 / 2053.0 |")
     assert "icarl pau: +20.00 points average incremental CNN vs off (same first-phase model" in table
