@@ -3,7 +3,7 @@
 ``<out>/runs/*/results.json`` (written by ablation.py, each with an ``ablation`` entry naming its
 learner, variant and seed) → ``runs.csv`` (one row per run), ``aggregate.csv`` and ``aggregate.md``
 (mean ± std over seeds per learner × variant, the gain split into first and later phases, old- and
-new-class accuracy per phase) and ``figures/``. No PyCIL, no torch import.
+new-class accuracy per phase, every two variants paired by seed) and ``figures/``. No PyCIL, no torch import.
 """
 
 from __future__ import annotations
@@ -192,6 +192,38 @@ def phase_table(runs: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def pair_table(runs: Sequence[dict]) -> str:
+    """Every two variants of a learner, paired by seed (with a shared first phase both started from
+    the same model, so the difference is the memories'): the later variant in table order minus the
+    earlier, average incremental CNN and NME per seed, their mean ± std, and in how many seeds the
+    later one is ahead. Pairs without a common seed are left out."""
+    by: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in runs:
+        by.setdefault((r["learner"], r["variant"]), {})[r["seed"]] = r["results"].get("summary", {})
+    head = ("| learner | pair | seeds | Δ avg inc. CNN per seed | mean ± std | ahead | Δ avg inc. NME per seed "
+            "| mean ± std | ahead |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    keys = sorted(by, key=lambda k: (learner_rank(k[0]), variant_rank(k[1])))
+    for i, (learner, first) in enumerate(keys):
+        for other_learner, second in keys[i + 1:]:
+            if other_learner != learner:
+                continue
+            seeds = sorted(set(by[learner, first]) & set(by[learner, second]))
+            if not seeds:
+                continue
+            cells = []
+            for key in ("avg_incremental_cnn_top1", "avg_incremental_nme_top1"):
+                diffs = [None if a is None or b is None else a - b
+                         for a, b in ((by[learner, second][s].get(key), by[learner, first][s].get(key)) for s in seeds)]
+                known = [d for d in diffs if d is not None]
+                mean, std, n = mean_std(known) if known else (None, None, 0)
+                cells += [", ".join("–" if d is None else f"{d:+.2f}" for d in diffs),
+                          "–" if mean is None else f"{mean:+.2f}" + (f" ± {std:.2f}" if n > 1 else ""),
+                          f"{sum(d > 0 for d in known)} of {n}"]
+            lines.append(f"| {learner} | {second} − {first} | {' '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(out: Path, figures: bool = True) -> dict[str, Path]:
     """Write runs.csv, aggregate.csv, aggregate.md and (optionally) the figures from the
     finished runs in ``out``; returns the written paths by name."""
@@ -204,7 +236,7 @@ def report(out: Path, figures: bool = True) -> dict[str, Path]:
     rows = aggregate(runs)
     written = {}
     for name, text in (("runs.csv", to_csv(per_run_rows(runs))), ("aggregate.csv", to_csv(rows)),
-                       ("aggregate.md", markdown_table(rows) + "\n\n" + gain_table(rows) + "\n\n" + phase_table(runs) + "\n")):
+                       ("aggregate.md", "\n\n".join((markdown_table(rows), gain_table(rows), phase_table(runs), pair_table(runs))) + "\n")):
         with atomic_open(out / name, "w") as f:
             f.write(text)
         written[name] = out / name

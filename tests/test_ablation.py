@@ -330,3 +330,15 @@ def test_first_phases_from_another_ablation_are_refused_with_independent_runs_or
         ablation.run_ablation([path], ["off"], [1], tmp_path / "out", shared_first_phase=False, first_phase_from=tmp_path)
     with pytest.raises(ablation.AblationError, match="another ablation's folder than"):
         ablation.run_ablation([path], ["off"], [1], tmp_path / "out", first_phase_from=tmp_path / "out")
+
+
+def test_pair_table_gives_every_two_variants_paired_by_seed(tmp_path):
+    ablation.execute(ablation.plan([BASE], ["off", "cam"], [1, 2]), tmp_path, tmp_path, runner=FakeRunner())
+    ablation.execute(ablation.plan([BASE], ["pau"], [2]), tmp_path, tmp_path, runner=FakeRunner())
+    lines = ablation_report.pair_table(ablation_report.collect(tmp_path)).splitlines()
+    assert lines[2:] == [
+        "| icarl | cam − off | 1 2 | +10.00, +10.00 | +10.00 ± 0.00 | 2 of 2 | +0.00, +0.00 | +0.00 ± 0.00 | 0 of 2 |",
+        "| icarl | pau − off | 2 | +20.00 | +20.00 | 1 of 1 | +0.00 | +0.00 | 0 of 1 |",
+        "| icarl | pau − cam | 2 | +10.00 | +10.00 | 1 of 1 | +0.00 | +0.00 | 0 of 1 |",
+    ]
+    assert "| icarl | pau − cam |" in ablation_report.report(tmp_path, figures=False)["aggregate.md"].read_text()
