@@ -27,8 +27,9 @@ Resuming: a run whose ``results.json`` says ``finished`` and whose ``config.json
 planned config is skipped; any other run (never started, crashed, killed) is run again: from the
 start, or, if it writes checkpoints (the ``off`` run of a shared first phase, or every run when the
 config sets ``cim_checkpoint``), from its last finished phase (``cim_resume``; the tag keeps another
-setting's files apart, so only the same setting's phases are restored). A finished run made with another config is an error unless ``force`` is given (then it is
-run again), so results of different settings never mix in one table.
+setting's files apart, so only the same setting's phases are restored). A finished run made with
+another config is an error unless ``force`` is given (then it is run again), so results of different
+settings never mix in one table.
 
 Side by side (``jobs`` > 1, see side_by_side.py): up to ``jobs`` runs at once, each with its share of
 the cores as torch threads; a variant waits for its off run's phase-0 checkpoint (copied as soon as
@@ -49,16 +50,18 @@ from typing import Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
+from .ablation_report import report, variant_rank
 from .atomic import atomic_open
 from .config import ABLATION_VARIANTS, variant_keys
 from .launch import RunError, patched_pycil_root, run_pycil, sigterm_raises
-from .ablation_report import report, variant_rank
 from .side_by_side import GateClosed, Task, run_side_by_side
 
 log = logging.getLogger(__name__)
 
 #: The variants in table order: plain exemplars, then the mask sources of CIM's ablation.
 VARIANTS = ABLATION_VARIANTS
+
+
 class AblationError(RuntimeError):
     """A problem with the ablation's inputs or its output folder (message says what to fix)."""
 
@@ -254,9 +257,9 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
             runner: Callable = run_pycil, jobs: int = 1) -> dict[str, list[str]]:
     """Run what is not done yet, up to ``jobs`` runs at once, one progress bar over all runs; returns
     run names by outcome ("skipped", "ran", "failed"). A failed run is reported and the others still
-    run; each list is in plan order. A variant that starts from a shared first phase waits for its ``off`` run's phase-0
-    checkpoint, not for the whole off run (if the off run fails before it, the variant fails without
-    running). With ``jobs`` > 1 each run gets ``run_threads(jobs)`` torch threads."""
+    run; each list is in plan order. A variant that starts from a shared first phase waits for its
+    ``off`` run's phase-0 checkpoint, not for the whole off run (if the off run fails before it, the
+    variant fails without running). With ``jobs`` > 1 each run gets ``run_threads(jobs)`` torch threads."""
     out = Path(out)
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise AblationError(f"jobs must be an integer >= 1, got {jobs!r}")
