@@ -11,13 +11,22 @@ generator seed: images neither the training nor the test set contains; the test 
 used to choose). The rule is the one of ``cim_plugin.core.quality_choice.choose_quality``: the
 highest quality within ``--tolerance`` points of the best validation top-1.
 
-Run: ``python benchmarks/quality_pilot.py --checkpoints 10=<run>/task_1.pt 50=<run>/task_1.pt ...``
+Run, in two commands (the config must set ``"cim_checkpoint": true``; ``--first-phase-from`` an
+earlier ablation's folder, or leave it out and the pilot's ``off`` run trains the first phase)::
+
+    cim-plugin ablate cfg.json --seeds 1993 --variants off mrdc@10 mrdc@30 mrdc@50 mrdc@75 mrdc@90 \
+        --first-phase-from cim_ablation --jobs 2 --out pilot
+    python benchmarks/quality_pilot.py --ablation pilot --variant mrdc
+
+or name each run's last checkpoint: ``--checkpoints 10=<run>/task_1.pt 50=<run>/task_1.pt ...``
 (PyCIL writes ``task_<n>.pt`` in ``logs/.../<prefix>_<seed>_<convnet>_ckpt/`` with ``cim_checkpoint``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import first_phase_model
 import torch
@@ -25,18 +34,45 @@ import torch
 from cim_plugin.core.quality_choice import choose_quality
 
 
+def ablation_checkpoints(out: Path, variant: str) -> dict:
+    """{quality: last checkpoint} of the finished runs of ``variant`` (any ``@q``) in an ablation
+    folder, and {"off": ...} for its off run; one learner and seed, else an error."""
+    runs = {}
+    for path in sorted(Path(out, "runs").glob("*/results.json")):
+        results = json.loads(path.read_text())
+        run = results.get("ablation") or {}
+        name, _, quality = str(run.get("variant", "")).partition("@")
+        if results.get("finished") is not True or name not in (variant, "off"):
+            continue
+        config = json.loads((path.parent / "config.json").read_text())
+        key = "off" if name == "off" else int(quality or config.get("cim_codec_quality", 50))
+        last = str(run["pycil_results_file"]).removesuffix("_results.json") + f"_ckpt/task_{len(results['phases']) - 1}.pt"
+        if not Path(last).is_file():
+            raise SystemExit(f"{path.parent.name} wrote no checkpoint {last}: set \"cim_checkpoint\": true in the config")
+        if key in runs:
+            raise SystemExit(f"two runs of {variant} at quality {key} in {out} (learners or seeds mixed?): keep one")
+        runs[key] = last
+    if not any(isinstance(k, int) for k in runs):
+        raise SystemExit(f"no finished run of {variant} in {out}/runs")
+    return runs
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoints", nargs="+", required=True, metavar="QUALITY=PATH",
-                   help="the last phase's checkpoint of the run at each quality (a name instead of a "
-                   "quality, e.g. off=PATH, adds a reference row the rule does not consider)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoints", nargs="+", metavar="QUALITY=PATH",
+                        help="the last phase's checkpoint of the run at each quality (a name instead of a "
+                        "quality, e.g. off=PATH, adds a reference row the rule does not consider)")
+    source.add_argument("--ablation", metavar="OUT", help="an ablation folder with the runs <variant>@<quality> "
+                        "(and off) of one learner and seed, made with cim_checkpoint")
+    p.add_argument("--variant", default="mrdc", help="with --ablation: the memory whose quality is chosen (default mrdc)")
     p.add_argument("--pycil", help="PyCIL checkout (default: PYCIL_ROOT)")
     p.add_argument("--old-classes", type=int, default=None, help="classes of the first phase (default: init_cls)")
     p.add_argument("--data-seed", type=int, default=1, help="generator seed of the validation draws (0 is the run's own set)")
     p.add_argument("--tolerance", type=float, default=1.0)
     args = p.parse_args(argv)
-    runs = {}
-    for item in args.checkpoints:
+    runs = ablation_checkpoints(Path(args.ablation), args.variant) if args.ablation else {}
+    for item in args.checkpoints or ():
         quality, sep, path = item.partition("=")
         if not sep or not quality:
             raise SystemExit(f"--checkpoints wants QUALITY=PATH, got {item!r}")

@@ -46,10 +46,13 @@ def learner_rank(learner: str) -> tuple[int, str]:
     return (SUPPORTED_LEARNERS.index(learner) if learner in SUPPORTED_LEARNERS else len(SUPPORTED_LEARNERS), learner)
 
 
-def variant_rank(variant: str) -> tuple[int, int, str]:
-    """Table order: the known variants in ``VARIANTS`` order, a codec variant after its mask source."""
-    base, _, codec = variant.partition("+")
-    return (ALL_VARIANTS.index(base) if base in ALL_VARIANTS else len(ALL_VARIANTS), 1 if codec else 0, variant)
+def variant_rank(variant: str) -> tuple[int, int, int, str]:
+    """Table order: the known variants in ``VARIANTS`` order, a codec variant after its mask source,
+    qualities (``@q``) rising after the variant without one."""
+    name, _, quality = variant.partition("@")
+    base, _, codec = name.partition("+")
+    return (ALL_VARIANTS.index(base) if base in ALL_VARIANTS else len(ALL_VARIANTS), 1 if codec else 0,
+            int(quality) if quality.isdigit() else -1, variant)
 
 
 

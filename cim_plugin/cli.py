@@ -121,7 +121,8 @@ def _add_run_options(p, variants: tuple[str, ...], out: str, out_help: str) -> N
                    help="variants to run per learner: " + ", ".join(ABLATION_VARIANTS)
                         + ", features, pca, frozen (plugin off, the backbone below cim_feature_stage frozen after the "
                         "first phase; these three: iCaRL, LUCIR)"
-                        + ", or a mask source + a pixel codec such as pau+jpeg (default: " + " ".join(variants) + ")")
+                        + ", or a mask source + a pixel codec such as pau+jpeg; @q after a codec sets its quality "
+                        "(mrdc@30, pau+jpeg@75) (default: " + " ".join(variants) + ")")
     p.add_argument("--independent", action="store_true",
                    help="train every variant's first phase itself (default: the 'off' run of each learner and seed "
                         "trains phase 0 once and every variant starts from that model, building its own memory)")

@@ -51,7 +51,16 @@ FEATURE_MEMORY_LEARNERS = ("icarl", "lucir")
 def variant_keys(variant: str) -> dict | None:
     """The plugin keys of an ablation variant: None for "off" (plugin off); a mask source
     (``"pau"``: raw pixels), a mask source and a pixel codec (``"pau+jpeg"``), or a named variant
-    (``"mrdc"``). Raises ValueError naming what is allowed."""
+    (``"mrdc"``); any of these with a codec, ``@q`` sets its quality (``"mrdc@30"``, ``"pau+jpeg@75"``:
+    a quality pilot in one ablation). Raises ValueError naming what is allowed."""
+    name, at, quality = str(variant).partition("@")
+    if at:
+        keys = variant_keys(name)
+        if keys is None or keys.get("cim_codec", "raw") == "raw":
+            raise ValueError(f"variant {variant!r}: @quality needs a pixel codec, e.g. mrdc@30 or pau+jpeg@75")
+        if not quality.isdigit() or not 1 <= int(quality) <= 100:
+            raise ValueError(f"variant {variant!r}: the quality after @ must be an integer in [1, 100]")
+        return {**keys, "cim_codec_quality": int(quality)}
     if variant == "off":
         return None
     if variant in NAMED_VARIANTS:
@@ -60,7 +69,8 @@ def variant_keys(variant: str) -> dict | None:
     if mask in MASK_SOURCES and (not plus or codec in PIXEL_CODECS):
         return {"cim": True, "cim_mask": mask, "cim_codec": codec or "raw"}
     raise ValueError(f"unknown variant {variant!r}: use off, mrdc, features, pca, frozen, a mask source ({', '.join(MASK_SOURCES)}) or "
-                     f"a mask source + a pixel codec ({', '.join(PIXEL_CODECS)}), e.g. pau+jpeg")
+                     f"a mask source + a pixel codec ({', '.join(PIXEL_CODECS)}), e.g. pau+jpeg, and @quality "
+                     "after a codec, e.g. mrdc@30")
 #: Prefixes that mark a key as the plugin's own (an unknown key with such a prefix is an error).
 PLUGIN_PREFIXES = ("cim_", "synthetic_")
 

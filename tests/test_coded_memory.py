@@ -93,6 +93,13 @@ def test_codec_keys_and_variants():
     for bad in ("jpeg", "pau+gif", "pau+", "mrdc+jpeg"):
         with pytest.raises(ValueError, match="unknown variant"):
             variant_keys(bad)
+    # a quality pilot in one ablation: @q after a codec
+    assert variant_keys("mrdc@30") == {"cim": True, "cim_mask": "full", "cim_codec": "jpeg", "cim_codec_quality": 30}
+    assert variant_keys("pau+webp@75")["cim_codec_quality"] == 75
+    for bad, why in (("pau@30", "needs a pixel codec"), ("off@30", "needs a pixel codec"), ("mrdc@0", r"\[1, 100\]"),
+                     ("mrdc@x", r"\[1, 100\]"), ("mrdc@", r"\[1, 100\]"), ("gif@30", "unknown variant")):
+        with pytest.raises(ValueError, match=why):
+            variant_keys(bad)
 
 
 def test_the_ablation_gives_codec_variants_their_keys():
@@ -102,6 +109,8 @@ def test_the_ablation_gives_codec_variants_their_keys():
     assert ablation.variant_config(base, "pau", 3)["cim_codec"] == "raw"  # a raw variant stays raw
     assert ablation.variant_config(base, "cam+png", 3)["cim_codec"] == "png"
     assert sorted(["pau+jpeg", "mrdc", "pau", "off", "cam"], key=ablation_report.variant_rank) == ["off", "cam", "pau", "pau+jpeg", "mrdc"]
+    assert sorted(["mrdc@75", "mrdc@10", "off", "mrdc"], key=ablation_report.variant_rank) == ["off", "mrdc", "mrdc@10", "mrdc@75"]
+    assert ablation.variant_config({**base, "cim_codec_quality": 50}, "mrdc@10", 3)["cim_codec_quality"] == 10
 
 
 def test_jpeg_tables_are_stored_once_and_streams_decode_like_whole_files():

@@ -66,3 +66,28 @@ def test_rule_refuses_nothing_scored_and_negative_tolerance():
         choose_quality({})
     with pytest.raises(ValueError, match="tolerance"):
         choose_quality({50: 1.0}, tolerance=-1)
+
+
+def test_the_pilot_reads_its_runs_from_one_ablation_folder(tmp_path, monkeypatch):
+    """benchmarks/quality_pilot.py --ablation: the variant's runs at each @quality and off, by their last checkpoint."""
+    from pathlib import Path
+
+    from cim_plugin import ablation
+    from fakes import BASE, FakeRunner
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from quality_pilot import ablation_checkpoints
+
+    config = {**BASE, "cim_checkpoint": True, "cim_codec_quality": 30}
+    specs = ablation.plan([config], ["off", "mrdc", "mrdc@10", "mrdc@75", "pau"], [1])
+    ablation.execute(specs, tmp_path, tmp_path, runner=FakeRunner())
+    with pytest.raises(SystemExit, match="wrote no checkpoint .*task_1.pt"):
+        ablation_checkpoints(tmp_path, "mrdc")
+    for spec in specs:  # the fake runs have two phases: their last checkpoint is task_1.pt
+        (tmp_path / f"{spec.name}_ckpt").mkdir(exist_ok=True)
+        (tmp_path / f"{spec.name}_ckpt" / "task_1.pt").write_bytes(b"x")
+    found = ablation_checkpoints(tmp_path, "mrdc")
+    assert {k: Path(v).parent.name for k, v in found.items()} == {
+        "off": "icarl_off_s1_ckpt", 30: "icarl_mrdc_s1_ckpt", 10: "icarl_mrdc@10_s1_ckpt", 75: "icarl_mrdc@75_s1_ckpt"}
+    with pytest.raises(SystemExit, match="no finished run of pau\\+jpeg"):
+        ablation_checkpoints(tmp_path, "pau+jpeg")
