@@ -342,3 +342,18 @@ def test_pair_table_gives_every_two_variants_paired_by_seed(tmp_path):
         "| icarl | pau − cam | 2 | +10.00 | +10.00 | 1 of 1 | +0.00 | +0.00 | 0 of 1 |",
     ]
     assert "| icarl | pau − cam |" in ablation_report.report(tmp_path, figures=False)["aggregate.md"].read_text()
+
+
+def test_cli_ablate_passes_jobs_and_first_phases_through(monkeypatch):
+    from cim_plugin import cli
+
+    seen = {}
+
+    def fake_run_ablation(configs, variants, seeds, out, **options):
+        seen.update(options, variants=variants)
+        return {"skipped": [], "ran": [], "failed": []}, {}
+
+    monkeypatch.setattr(ablation, "run_ablation", fake_run_ablation)
+    assert cli.main(["ablate", "x.json", "--variants", "off", "mrdc@30", "--jobs", "3", "--first-phase-from", "earlier"]) == 0
+    assert seen["jobs"] == 3 and seen["first_phase_from"] == "earlier" and seen["variants"] == ["off", "mrdc@30"]
+    assert cli.main(["ablate", "x.json", "--variants", "pau@30"]) == 2  # a quality needs a codec
