@@ -31,6 +31,7 @@ from pathlib import Path
 import first_phase_model
 import torch
 
+from cim_plugin.ablation import pycil_checkpoint
 from cim_plugin.core.quality_choice import choose_quality
 
 
@@ -46,12 +47,12 @@ def ablation_checkpoints(out: Path, variant: str) -> dict:
             continue
         config = json.loads((path.parent / "config.json").read_text())
         key = "off" if name == "off" else int(quality or config.get("cim_codec_quality", 50))
-        last = str(run["pycil_results_file"]).removesuffix("_results.json") + f"_ckpt/task_{len(results['phases']) - 1}.pt"
-        if not Path(last).is_file():
+        last = pycil_checkpoint(run["pycil_results_file"], len(results["phases"]) - 1)
+        if not last.is_file():
             raise SystemExit(f"{path.parent.name} wrote no checkpoint {last}: set \"cim_checkpoint\": true in the config")
         if key in runs:
             raise SystemExit(f"two runs of {variant} at quality {key} in {out} (learners or seeds mixed?): keep one")
-        runs[key] = last
+        runs[key] = str(last)
     if not any(isinstance(k, int) for k in runs):
         raise SystemExit(f"no finished run of {variant} in {out}/runs")
     return runs

@@ -53,7 +53,7 @@ from tqdm import tqdm
 from .ablation_report import report, variant_rank
 from .atomic import atomic_open
 from .config import ABLATION_VARIANTS, variant_keys
-from .launch import RunError, patched_pycil_root, run_pycil, sigterm_raises
+from .launch import RunError, available_cores, patched_pycil_root, run_pycil, sigterm_raises
 from .side_by_side import GateClosed, Task, run_side_by_side
 
 log = logging.getLogger(__name__)
@@ -278,8 +278,8 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
 
     def task(spec: RunSpec) -> Task:
         off = RunSpec(spec.learner, "off", spec.seed, {}).name
-        here = str((out / "runs" / off / FIRST_PHASE_FILE).resolve())  # written by this ablation's off run
-        waits = off if spec.config.get("cim_first_phase_from") == here and off in todo else None
+        here = (run_dir_of(out, spec.learner, "off", spec.seed) / FIRST_PHASE_FILE).resolve()  # this ablation's off run's
+        waits = off if spec.config.get("cim_first_phase_from") == str(here) and off in todo else None
         line_echo = echo if echo is None or jobs == 1 else (lambda line, name=spec.name: echo(f"[{name}] {line}"))
         return Task(spec.name, lambda opened: _run_one(spec, out / "runs" / spec.name, root, line_echo, runner, opened,
                                                        env=env, on_start=children.append), waits)
@@ -319,9 +319,14 @@ def run_threads(jobs: int) -> dict[str, str]:
     thread each), unless the user set OMP_NUM_THREADS, which then applies to every run."""
     if os.environ.get("OMP_NUM_THREADS"):
         return {}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = str(max(1, cores // jobs))
+    threads = str(max(1, available_cores() // jobs))
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def pycil_checkpoint(results_file: str | Path, task: int) -> Path:
+    """The checkpoint of ``task`` that a run with ``cim_checkpoint`` wrote beside its results file
+    (pycil/checkpoint.py: ``<log name>_ckpt/task_<k>.pt``)."""
+    return Path(str(results_file).removesuffix("_results.json") + "_ckpt") / f"task_{task}.pt"
 
 
 #: The checkpoint mixin's log line once phase 0 is on disk (written, or found again on resuming).
@@ -363,15 +368,15 @@ def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner, opened: Cal
         raise RunError(f"results file {results_file} of {spec.name} unreadable: {err}") from None
     if results.get("finished") is not True:
         raise RunError(f"results file {results_file} of {spec.name} is not marked finished")
-    base = str(results_file).removesuffix("_results.json")
-    gallery = Path(base + "_gallery.npz")
+    gallery = Path(str(results_file).removesuffix("_results.json") + "_gallery.npz")
     if gallery.is_file():
         shutil.copyfile(gallery, run_dir / "gallery.npz")
     if shares_first_phase:
-        first = Path(base + "_ckpt") / "task_0.pt"
+        first = pycil_checkpoint(results_file, 0)
         if not first.is_file():
             raise RunError(f"{spec.name} wrote no phase-0 checkpoint {first} for the shared first phase")
-        share(first)
+        if not (run_dir / FIRST_PHASE_FILE).is_file():  # not copied yet when the run logged it
+            share(first)
     results["ablation"] = {"learner": spec.learner, "variant": spec.variant, "seed": spec.seed,
                            "shared_first_phase": bool(spec.config.get("cim_first_phase_from") or spec.config.get("cim_checkpoint")),
                            "launcher_wall_s": round(wall, 2), "pycil_results_file": str(results_file)}

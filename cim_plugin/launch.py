@@ -35,6 +35,11 @@ def patched_pycil_root(root: Path | None = None) -> Path:
     return Path(root)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def sigterm_raises():
     """While inside, SIGTERM raises SystemExit(143) instead of ending the process at once, so that

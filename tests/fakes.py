@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from cim_plugin.launch import RESULTS_MARK, RunError
+from cim_plugin.launch import RESULTS_MARK, RunError, available_cores
 
 from torch import nn
 
@@ -142,7 +142,7 @@ class MainRuns:
     completed process (output captured in files, so a chatty run never blocks on a full pipe)."""
 
     def __init__(self, root: Path, width: int | None = None):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cores()
         self.root, self.width = Path(root), max(1, min(cores, width or cores))
         self.queued: dict = {}
         self.running: dict = {}

@@ -4,13 +4,13 @@ stands in for PyCIL's main.py; the real runner is tested in test_pycil_integrati
 import csv
 import io
 import json
-import os
 import threading
 from pathlib import Path
 
 import pytest
 
 from cim_plugin import ablation, ablation_report
+from cim_plugin.launch import available_cores
 
 from fakes import BASE, FakeRunner
 
@@ -253,7 +253,7 @@ def test_side_by_side_a_variant_starts_once_off_has_shared_its_first_phase(tmp_p
     assert out == {"skipped": [], "ran": ["icarl_off_s1", "icarl_cam_s1"], "failed": []}
     assert runner.overlapped == {"icarl_off_s1": True}  # cam ran while off was still running
     assert runner.seen == {"icarl_cam_s1": b"phase 0 of icarl_off_s1"}
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     assert runner.options["icarl_cam_s1"]["env"] == {"OMP_NUM_THREADS": str(max(1, cores // 2)),
                                                      "MKL_NUM_THREADS": str(max(1, cores // 2))}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
