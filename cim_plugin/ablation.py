@@ -44,6 +44,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -275,21 +276,39 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
     bar = tqdm(total=len(specs), initial=len(outcome["skipped"]), desc="ablation", unit="run", dynamic_ncols=True)
     children: list = []  # the PyCIL processes, stopped by this (main) thread on Ctrl-C / SIGTERM
     env = {} if jobs == 1 else run_threads(jobs)
+    running: dict[str, str] = {}  # run name -> where it is ("task 1 epoch 3/12"), shown after the bar
+    running_lock = threading.Lock()
+
+    def show(name: str, where: str | None) -> None:
+        with running_lock:
+            if where is None:
+                running.pop(name, None)
+            else:
+                running[name] = where
+            bar.set_postfix_str("; ".join(f"{n} {w}".rstrip() for n, w in running.items()))
 
     def task(spec: RunSpec) -> Task:
         off = RunSpec(spec.learner, "off", spec.seed, {}).name
         here = (run_dir_of(out, spec.learner, "off", spec.seed) / FIRST_PHASE_FILE).resolve()  # this ablation's off run's
+
+        def line_echo(line: str, name: str = spec.name) -> None:
+            where = run_progress(line)
+            if where is not None:
+                show(name, where)
+            if echo is not None:
+                echo(line if jobs == 1 else f"[{name}] {line}")
+
         waits = off if spec.config.get("cim_first_phase_from") == str(here) and off in todo else None
-        line_echo = echo if echo is None or jobs == 1 else (lambda line, name=spec.name: echo(f"[{name}] {line}"))
         return Task(spec.name, lambda opened: _run_one(spec, out / "runs" / spec.name, root, line_echo, runner, opened,
                                                        env=env, on_start=children.append), waits)
 
     def started(task: Task) -> None:
-        bar.set_postfix_str(task.name)
+        show(task.name, "")
         if jobs > 1:
             tqdm.write(f"[ablation] {task.name} started")
 
     def ended(task: Task, wall: float | None, error: BaseException | None) -> None:
+        show(task.name, None)
         bar.update(1)
         if isinstance(error, (RunError, GateClosed)):
             outcome["failed"].append(task.name)
@@ -330,6 +349,19 @@ def pycil_checkpoint(results_file: str | Path, task: int) -> Path:
 
 
 #: The checkpoint mixin's log line once phase 0 is on disk (written, or found again on resuming).
+#: PyCIL's per-epoch progress line of every learner ("Task 1, Epoch 3/12 => Loss ..."; FOSTER's
+#: compression stage prefixes "SNet: ").
+EPOCH_LINE = re.compile(r"(SNet: )?Task (\d+), Epoch (\d+)/(\d+)")
+
+
+def run_progress(line: str) -> str | None:
+    """Where a PyCIL run is, read off one line of its output ("task 1 epoch 3/12"), or None."""
+    found = EPOCH_LINE.search(line)
+    if found is None:
+        return None
+    return f"task {found[2]} epoch {found[3]}/{found[4]}" + (" (compression)" if found[1] else "")
+
+
 FIRST_PHASE_LINE = re.compile(r"cim-plugin: (?:checkpoint of task 0 written to|resumed task 0 from) (.+?) \(state sha256")
 
 

@@ -357,3 +357,17 @@ def test_cli_ablate_passes_jobs_and_first_phases_through(monkeypatch):
     assert cli.main(["ablate", "x.json", "--variants", "off", "mrdc@30", "--jobs", "3", "--first-phase-from", "earlier"]) == 0
     assert seen["jobs"] == 3 and seen["first_phase_from"] == "earlier" and seen["variants"] == ["off", "mrdc@30"]
     assert cli.main(["ablate", "x.json", "--variants", "pau@30"]) == 2  # a quality needs a codec
+
+
+def test_the_progress_bar_shows_where_each_run_is(tmp_path, capsys):
+    assert ablation.run_progress("Task 1, Epoch 3/12 => Loss 0.711, Train_accy 62.67:  25%|") == "task 1 epoch 3/12"
+    assert ablation.run_progress("SNet: Task 2, Epoch 4/4 => Loss 1.0") == "task 2 epoch 4/4 (compression)"
+    assert ablation.run_progress("cim-plugin: memory of 5 classes") is None
+
+    class Epochs(FakeRunner):
+        def __call__(self, root, config_path, log_path, echo, **options):
+            echo("Task 0, Epoch 7/20 => Loss 0.5, Train_accy 50.00\n")
+            return super().__call__(root, config_path, log_path, echo)
+
+    ablation.execute(ablation.plan([BASE], ["off"], [1]), tmp_path, tmp_path, runner=Epochs())
+    assert "icarl_off_s1 task 0 epoch 7/20" in capsys.readouterr().err
