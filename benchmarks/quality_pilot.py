@@ -91,6 +91,8 @@ def main(argv=None) -> None:
             scores[quality] = top1
         print(f"| {quality} | {top1:.1f} | {100.0 * float(right[old].float().mean()):.1f} "
               f"| {100.0 * float(right[~old].float().mean()):.1f} | {len(right)} |")
+    if not scores:
+        raise SystemExit("no quality to choose from: name at least one QUALITY=PATH (the rows above are references)")
     best = max(scores.values())
     print(f"rule (highest quality within {args.tolerance:g} points of the best, {best:.1f}): "
           f"cim_codec_quality {choose_quality(scores, args.tolerance)}")
