@@ -281,6 +281,8 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
 
     def show(name: str, where: str | None) -> None:
         with running_lock:
+            if running.get(name) == where:  # PyCIL's bar repeats an epoch's line; redraw only on a change
+                return
             if where is None:
                 running.pop(name, None)
             else:
@@ -348,7 +350,6 @@ def pycil_checkpoint(results_file: str | Path, task: int) -> Path:
     return Path(str(results_file).removesuffix("_results.json") + "_ckpt") / f"task_{task}.pt"
 
 
-#: The checkpoint mixin's log line once phase 0 is on disk (written, or found again on resuming).
 #: PyCIL's per-epoch progress line of every learner ("Task 1, Epoch 3/12 => Loss ..."; FOSTER's
 #: compression stage prefixes "SNet: ").
 EPOCH_LINE = re.compile(r"(SNet: )?Task (\d+), Epoch (\d+)/(\d+)")
@@ -362,6 +363,7 @@ def run_progress(line: str) -> str | None:
     return f"task {found[2]} epoch {found[3]}/{found[4]}" + (" (compression)" if found[1] else "")
 
 
+#: The checkpoint mixin's log line once phase 0 is on disk (written, or found again on resuming).
 FIRST_PHASE_LINE = re.compile(r"cim-plugin: (?:checkpoint of task 0 written to|resumed task 0 from) (.+?) \(state sha256")
 
 
