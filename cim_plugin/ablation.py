@@ -423,14 +423,18 @@ def run_ablation(config_paths: Sequence[str | Path], variants: Sequence[str] = V
                  out: str | Path = "cim_ablation", root: Path | None = None, force: bool = False,
                  echo: Callable | None = None, figures: bool = True,
                  shared_first_phase: bool = True, jobs: int = 1,
-                 first_phase_from: str | Path | None = None) -> tuple[dict, dict]:
+                 first_phase_from: str | Path | None = None, checkpoints: bool = False) -> tuple[dict, dict]:
     """Plan, validate, run what is missing, report. Returns (outcomes by kind, written files).
-    ``first_phase_from``: start every run from another ablation's first phases (see ``plan``)."""
+    ``first_phase_from``: start every run from another ablation's first phases (see ``plan``).
+    ``checkpoints``: every run writes a checkpoint per phase (``cim_checkpoint``, as if the JSON set
+    it: the same runs, the same folders), for the tools that read a run's networks afterwards."""
     try:
         root = patched_pycil_root(root)
     except RunError as err:
         raise AblationError(str(err)) from None
     configs = [load_config(p, Path(root)) for p in config_paths]
+    if checkpoints:
+        configs = [{**config, "cim_checkpoint": True} for config in configs]
     out = Path(out)
     source = None if first_phase_from is None else Path(first_phase_from)
     if source is not None and not shared_first_phase:

@@ -180,6 +180,9 @@ def _add_ablate(sub) -> None:
                    help="start every run, off included, from the first phases another ablation's off runs trained "
                         "(OUT/runs/<learner>_off_s<seed>/first_phase.pt): a new setting of the later phases "
                         "(budget, codec, threshold) compared on the same first-phase models")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="every run writes a checkpoint after each phase (cim_checkpoint, as if the JSON set it), "
+                        "which benchmarks/quality_pilot.py --ablation and the diagnostics on a run's networks read")
 
 
 def _run_ablate(args) -> int:
@@ -196,7 +199,7 @@ def _run_ablate(args) -> int:
         outcome, _ = ablation.run_ablation(args.configs, args.variants, args.seeds, args.out, force=args.force,
                                            echo=_echo if args.verbose else None, figures=not args.no_figures,
                                            shared_first_phase=not args.independent, jobs=args.jobs,
-                                           first_phase_from=args.first_phase_from)
+                                           first_phase_from=args.first_phase_from, checkpoints=args.checkpoints)
     return 1 if outcome["failed"] else 0
 
 

@@ -332,6 +332,27 @@ def test_first_phases_from_another_ablation_are_refused_with_independent_runs_or
         ablation.run_ablation([path], ["off"], [1], tmp_path / "out", first_phase_from=tmp_path / "out")
 
 
+def test_checkpoints_flag_plans_the_runs_a_json_with_cim_checkpoint_plans(tmp_path, monkeypatch):
+    # the quality pilot reads every run's last checkpoint: --checkpoints must give exactly the runs
+    # (names, PyCIL prefixes, configs) that "cim_checkpoint": true in the JSON gives, so folders made
+    # either way are the same ablation
+    monkeypatch.setattr(ablation, "patched_pycil_root", lambda root: tmp_path)
+    monkeypatch.setattr(ablation, "check_plan", lambda specs: None)  # BASE is not a whole PyCIL config
+    planned = []
+    monkeypatch.setattr(ablation, "execute", lambda specs, out, root, **kw: planned.append(specs)
+                        or {"ran": [], "skipped": [], "failed": []})
+    plain, keyed = tmp_path / "plain.json", tmp_path / "keyed.json"
+    plain.write_text(json.dumps(BASE))
+    keyed.write_text(json.dumps({**BASE, "cim_checkpoint": True}))
+    variants = ["off", "mrdc@30", "cam"]
+    for config, flag in ((plain, True), (keyed, False), (plain, False)):  # one output folder, planned three ways
+        ablation.run_ablation([config], variants, [1], tmp_path / "out", checkpoints=flag, figures=False)
+    flag, json_, none = planned
+    assert [s.config for s in flag] == [s.config for s in json_]
+    assert all(s.config["cim_checkpoint"] is True and s.config["cim_resume"] is True for s in flag)
+    assert [s.config.get("cim_checkpoint") for s in none] == [True, None, None]  # only off shares its first phase
+
+
 def test_pair_table_gives_every_two_variants_paired_by_seed(tmp_path):
     ablation.execute(ablation.plan([BASE], ["off", "cam"], [1, 2]), tmp_path, tmp_path, runner=FakeRunner())
     ablation.execute(ablation.plan([BASE], ["pau"], [2]), tmp_path, tmp_path, runner=FakeRunner())
@@ -356,6 +377,8 @@ def test_cli_ablate_passes_jobs_and_first_phases_through(monkeypatch):
     monkeypatch.setattr(ablation, "run_ablation", fake_run_ablation)
     assert cli.main(["ablate", "x.json", "--variants", "off", "mrdc@30", "--jobs", "3", "--first-phase-from", "earlier"]) == 0
     assert seen["jobs"] == 3 and seen["first_phase_from"] == "earlier" and seen["variants"] == ["off", "mrdc@30"]
+    assert seen["checkpoints"] is False
+    assert cli.main(["ablate", "x.json", "--checkpoints"]) == 0 and seen["checkpoints"] is True
     assert cli.main(["ablate", "x.json", "--variants", "pau@30"]) == 2  # a quality needs a codec
 
 
