@@ -11,7 +11,7 @@ the ablation runner) and prints, per variant, the later phases' CNN top-1 (mean 
 seeds, with old- and new-class accuracy) and the difference to ``off`` paired by later seed.
 
 Run: ``python benchmarks/noise_floor.py --first-phase <out>/runs/icarl_off_s1993/first_phase.pt
-[--config exps/icarl_cim_demo.json] [--variants off pau] [--later-seeds 1 2 3] [--out bench_noise]``.
+[--config exps/icarl_cim_demo.json] [--seed 1993] [--variants off pau] [--later-seeds 1 2 3] [--out bench_noise]``.
 The first-phase file is the one ``cim-plugin ablate`` (or the demo) leaves in its off run's folder;
 it must come from the same config (the run refuses a checkpoint of another setting).
 """
@@ -41,8 +41,11 @@ class LaterRun(ablation.RunSpec):
         return f"{self.learner}_{self.variant}_s{self.seed}_l{self.later}"
 
 
-def plan(base: dict, variants, later_seeds, first_phase: Path) -> list[LaterRun]:
-    seed = base["seed"][0] if isinstance(base.get("seed"), list) else int(base.get("seed", 1993))
+def plan(base: dict, variants, later_seeds, first_phase: Path, seed: int | None = None) -> list[LaterRun]:
+    """One run per variant and later seed, all from ``first_phase``; ``seed`` is the seed that first
+    phase was trained with (default: the config's first seed)."""
+    if seed is None:
+        seed = base["seed"][0] if isinstance(base.get("seed"), list) else int(base.get("seed", 1993))
     runs = []
     for variant in variants:
         for later in later_seeds:
@@ -86,13 +89,15 @@ def main(argv=None) -> None:
     p.add_argument("--first-phase", required=True, type=Path, help="a first_phase.pt of an off run of this config")
     p.add_argument("--variants", nargs="+", default=["off", "pau"])
     p.add_argument("--later-seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--seed", type=int, default=None,
+                   help="the seed the first phase was trained with (default: the config's first seed)")
     p.add_argument("--out", type=Path, default=Path("bench_noise"))
     args = p.parse_args(argv)
     if not args.first_phase.is_file():
         raise SystemExit(f"--first-phase: no file {args.first_phase}")
     root = patched_pycil_root(None)
     base = ablation.load_config(args.config, root)
-    runs = plan(base, args.variants, args.later_seeds, args.first_phase.resolve())
+    runs = plan(base, args.variants, args.later_seeds, args.first_phase.resolve(), args.seed)
     ablation.check_plan(runs)
     outcome = ablation.execute(runs, args.out, root)
     text = table(runs, args.out)
