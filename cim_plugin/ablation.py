@@ -254,6 +254,18 @@ def run_state(run_dir: Path, config: dict) -> str:
     return "done" if same else "stale"
 
 
+#: Beside a run's config: the PyCIL checkout it ran in, where PyCIL keeps the checkpoints it resumes from.
+ROOT_FILE = "pycil_root.txt"
+
+
+def resume_root(run_dir: Path) -> Path | None:
+    """The PyCIL checkout an earlier attempt of this run ran in (None if never started or not recorded)."""
+    try:
+        return Path((run_dir / ROOT_FILE).read_text().strip())
+    except OSError:
+        return None
+
+
 def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False, echo: Callable | None = None,
             runner: Callable = run_pycil, jobs: int = 1) -> dict[str, list[str]]:
     """Run what is not done yet, up to ``jobs`` runs at once, one progress bar over all runs; returns
@@ -265,6 +277,14 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise AblationError(f"jobs must be an integer >= 1, got {jobs!r}")
     states = {s.name: run_state(out / "runs" / s.name, s.config) for s in specs}
+    moved = [f"{s.name} (PyCIL at {was})" for s in specs if states[s.name] != "done" and s.config.get("cim_resume")
+             and (was := resume_root(out / "runs" / s.name)) is not None and was != Path(root).resolve()]
+    if moved:
+        raise AblationError(
+            f"{len(moved)} unfinished run(s) in {out} keep the checkpoints they resume from under another PyCIL "
+            f"checkout than {Path(root).resolve()}: {', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''}. "
+            "Set PYCIL_ROOT to that checkout to resume them, or delete their run folders to start them again"
+        )
     stale = [n for n, st in states.items() if st == "stale"]
     if stale and not force:
         raise AblationError(
@@ -378,6 +398,8 @@ def _run_one(spec: RunSpec, run_dir: Path, root: Path, echo, runner, opened: Cal
     config_path = run_dir / "config.json"
     with atomic_open(config_path, "w") as f:
         json.dump(spec.config, f, indent=2)
+    with atomic_open(run_dir / ROOT_FILE, "w") as f:  # a resumed attempt must find its checkpoints there
+        f.write(f"{Path(root).resolve()}\n")
     shares_first_phase = spec.variant == "off" and bool(spec.config.get("cim_checkpoint"))
 
     def share(checkpoint: Path) -> None:

@@ -394,3 +394,24 @@ def test_the_progress_bar_shows_where_each_run_is(tmp_path, capsys):
 
     ablation.execute(ablation.plan([BASE], ["off"], [1]), tmp_path, tmp_path, runner=Epochs())
     assert "icarl_off_s1 task 0 epoch 7/20" in capsys.readouterr().err
+
+
+def test_an_unfinished_run_is_not_resumed_under_another_pycil_checkout(tmp_path):
+    # PyCIL keeps a run's resume checkpoints under its own logs/: run again from another checkout, an
+    # off run would silently train its first phase again (and drop the shared copy); refused instead
+    first, second = tmp_path / "pycil_a", tmp_path / "pycil_b"
+    first.mkdir(), second.mkdir()
+    out = tmp_path / "abl"
+    specs = ablation.plan([BASE], ["off", "cam"], [1], shared_first_phase_in=out)
+    assert specs[0].config["cim_resume"] is True and "cim_resume" not in specs[1].config
+    got = ablation.execute(specs, out, first, runner=FakeRunner(fail={"icarl_off_s1"}))
+    assert got["failed"] == ["icarl_off_s1", "icarl_cam_s1"]
+    assert ablation.resume_root(out / "runs" / "icarl_off_s1") == first.resolve()
+    runner = FakeRunner()
+    with pytest.raises(ablation.AblationError, match=r"icarl_off_s1 \(PyCIL at .*pycil_a\).*Set PYCIL_ROOT"):
+        ablation.execute(specs, out, second, runner=runner)
+    assert runner.calls == [] and (out / "runs" / "icarl_off_s1" / "config.json").is_file()
+    got = ablation.execute(specs, out, first, runner=runner)  # from the checkout it ran in: resumed
+    assert got["ran"] == ["icarl_off_s1", "icarl_cam_s1"] and got["failed"] == []
+    # finished runs do not care where they ran; a run without resume checkpoints starts anew anywhere
+    assert ablation.execute(specs, out, second, runner=FakeRunner())["skipped"] == ["icarl_off_s1", "icarl_cam_s1"]
