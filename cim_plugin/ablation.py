@@ -277,7 +277,7 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise AblationError(f"jobs must be an integer >= 1, got {jobs!r}")
     states = {s.name: run_state(out / "runs" / s.name, s.config) for s in specs}
-    moved = [f"{s.name} (PyCIL at {was})" for s in specs if states[s.name] != "done" and s.config.get("cim_resume")
+    moved = [f"{s.name} (PyCIL at {was})" for s in specs if states[s.name] == "todo" and s.config.get("cim_resume")
              and (was := resume_root(out / "runs" / s.name)) is not None and was != Path(root).resolve()]
     if moved:
         raise AblationError(
