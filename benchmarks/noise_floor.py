@@ -41,11 +41,20 @@ class LaterRun(ablation.RunSpec):
         return f"{self.learner}_{self.variant}_s{self.seed}_l{self.later}"
 
 
+def first_phase_seed(base: dict, first_phase: Path) -> int:
+    """The seed ``first_phase`` was trained with: its off run's ``config.json`` beside it (what the
+    ablation writes), else the config's first seed."""
+    try:
+        seed = json.loads((first_phase.parent / "config.json").read_text())["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        seed = base.get("seed", 1993)
+    return int(seed[0] if isinstance(seed, list) else seed)
+
+
 def plan(base: dict, variants, later_seeds, first_phase: Path, seed: int | None = None) -> list[LaterRun]:
-    """One run per variant and later seed, all from ``first_phase``; ``seed`` is the seed that first
-    phase was trained with (default: the config's first seed)."""
-    if seed is None:
-        seed = base["seed"][0] if isinstance(base.get("seed"), list) else int(base.get("seed", 1993))
+    """One run per variant and later seed, all from ``first_phase``; ``seed``: the seed that first
+    phase was trained with (default ``first_phase_seed``)."""
+    seed = first_phase_seed(base, first_phase) if seed is None else seed
     runs = []
     for variant in variants:
         for later in later_seeds:
@@ -90,7 +99,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=["off", "pau"])
     p.add_argument("--later-seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--seed", type=int, default=None,
-                   help="the seed the first phase was trained with (default: the config's first seed)")
+                   help="the seed the first phase was trained with (default: its off run's config.json beside it, "
+                        "else the config's first seed)")
     p.add_argument("--out", type=Path, default=Path("bench_noise"))
     args = p.parse_args(argv)
     if not args.first_phase.is_file():

@@ -277,12 +277,13 @@ def execute(specs: Sequence[RunSpec], out: Path, root: Path, force: bool = False
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise AblationError(f"jobs must be an integer >= 1, got {jobs!r}")
     states = {s.name: run_state(out / "runs" / s.name, s.config) for s in specs}
+    here = Path(root).resolve()
     moved = [f"{s.name} (PyCIL at {was})" for s in specs if states[s.name] == "todo" and s.config.get("cim_resume")
-             and (was := resume_root(out / "runs" / s.name)) is not None and was != Path(root).resolve()]
+             and (was := resume_root(out / "runs" / s.name)) is not None and was != here]
     if moved:
         raise AblationError(
             f"{len(moved)} unfinished run(s) in {out} keep the checkpoints they resume from under another PyCIL "
-            f"checkout than {Path(root).resolve()}: {', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''}. "
+            f"checkout than {here}: {', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''}. "
             "Set PYCIL_ROOT to that checkout to resume them, or delete their run folders to start them again"
         )
     stale = [n for n, st in states.items() if st == "stale"]
