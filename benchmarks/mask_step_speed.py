@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cim_plugin.core.bilevel import BilevelSettings, bn_batch_statistics, mask_step, outer_loss
+from cim_plugin.core.bilevel import BilevelSettings, bn_batch_statistics, mask_step, outer_loss, outer_terms
 from cim_plugin.core.branch import PAUBranch
 from cim_plugin.pycil import nets
 from cim_plugin.core.pau import use_fused_pau
@@ -133,7 +133,7 @@ def phi_gradient(setup, fused: bool, settings: BilevelSettings, inner_lr: float)
     net, branch, branch_outputs, cil_loss, inner, outer, theta = setup
     phi = branch.trainable_parameters()
     with use_fused_pau(fused), bn_batch_statistics(net):
-        total, _ = outer_loss(net, theta, branch_outputs, cil_loss, inner, outer, inner_lr, settings)
+        total, _ = outer_loss(outer_terms(net, theta, branch_outputs, cil_loss, inner, outer, inner_lr, settings), settings)
         return [g.detach() for g in torch.autograd.grad(total, phi)]
 
 

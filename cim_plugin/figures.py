@@ -97,8 +97,9 @@ CAM_RANGE_TOLERANCE = 1e-3
 BYTE_UNITS = (("GB", 10**9), ("MB", 10**6), ("kB", 10**3), ("B", 1))
 #: At most this many ticks on the bytes axis (its labels are long).
 BYTES_AXIS_TICKS = 5
-#: Names allowed for galleries in ``make_figures`` (they become part of a file name).
-GALLERY_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+#: Names allowed for galleries in ``make_figures`` (they become part of a file name): the ablation's
+#: ``<learner>_<variant>``, where a variant can be ``pau+jpeg@30``; no path separators.
+GALLERY_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.+@-]+")
 GALLERY_COLUMNS = ("original", "CAM", "box", "compressed reconstruction")
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from cim_plugin.core.bilevel import BilevelSettings, mask_step, outer_loss, soft_masks
+from cim_plugin.core.bilevel import BilevelSettings, mask_step, outer_loss, outer_terms, soft_masks
 from cim_plugin.core.cam import class_activation_maps
 from cim_plugin.core.pau import PAU
 
@@ -56,7 +56,7 @@ def _loss(mode, inner_lr=0.5):
     settings = BilevelSettings(factor=2, mode=mode)
 
     def loss():
-        return outer_loss(net, theta, branch_fn, cil_loss, inner, outer, inner_lr, settings)[0]
+        return outer_loss(outer_terms(net, theta, branch_fn, cil_loss, inner, outer, inner_lr, settings), settings)[0]
 
     return loss, paus
 
@@ -169,3 +169,27 @@ def test_fused_and_reference_pau_give_the_same_mask_step_float64():
         assert float((new - ref).abs().max()) <= 1e-12 * scale
     for new, ref in zip(steps[True], steps[False]):
         torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_outer_terms_reach_phi_as_documented():
+    """The stepped model's CE reaches φ through the inner step only (bilevel), never in joint mode
+    (θ itself does not depend on φ); the branch CE and the mask regulariser reach φ in both; and
+    outer_loss is the terms' weighted sum (benchmarks/phi_terms.py isolates them this way)."""
+    net, paus, branch_fn, cil_loss, inner, outer, theta = make_problem()
+    phi = list(paus.parameters())
+
+    def grad_norm(term, mode):
+        terms = outer_terms(net, theta, branch_fn, cil_loss, inner, outer, 0.5, BilevelSettings(factor=2, mode=mode))
+        grads = torch.autograd.grad(terms[term], phi, allow_unused=True)
+        return sum(float(g.norm()) for g in grads if g is not None)
+
+    assert grad_norm("outer_ce", "bilevel") > 1e-6
+    assert grad_norm("outer_ce", "joint") == 0.0
+    for mode in ("bilevel", "joint"):
+        assert grad_norm("branch_ce", mode) > 1e-6 and grad_norm("mask_reg", mode) > 1e-6
+    settings = BilevelSettings(factor=2, div_coef=0.3, reg_coef=0.7)
+    terms = outer_terms(net, theta, branch_fn, cil_loss, inner, outer, 0.5, settings)
+    total, parts = outer_loss(terms, settings)
+    expected = terms["outer_ce"] + 0.3 * terms["branch_ce"] + 0.7 * terms["mask_reg"]
+    assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+    assert parts["mask_mean"] == pytest.approx(float(terms["mask"].detach().mean()), rel=1e-12)

@@ -317,3 +317,6 @@ def test_make_figures(runs, gallery, tmp_path):
     assert [p.name for p in figures.make_figures([], tmp_path / "figs3", {"x": gallery})] == ["gallery_x.png"]
     with pytest.raises(ValueError, match="gallery name"):
         figures.make_figures(runs, tmp_path / "figs4", galleries={"../evil": gallery})
+    # the ablation names a gallery <learner>_<variant>, and a codec variant reads pau+jpeg@30
+    coded = figures.make_figures([], tmp_path / "figs5", {"icarl_pau+jpeg@30": gallery})
+    assert [p.name for p in coded] == ["gallery_icarl_pau+jpeg@30.png"]

@@ -81,7 +81,7 @@ def logits_of(outputs) -> torch.Tensor:
     return outputs["logits"] if isinstance(outputs, Mapping) else outputs
 
 
-def outer_loss(
+def outer_terms(
     net: nn.Module,
     theta_names: Sequence[str],
     branch_fn: BranchFn,
@@ -90,8 +90,10 @@ def outer_loss(
     outer: tuple[torch.Tensor, torch.Tensor],
     inner_lr: float,
     settings: BilevelSettings,
-) -> tuple[torch.Tensor, dict]:
-    """The outer objective as a function of φ (through the branch), with its parts."""
+) -> dict[str, torch.Tensor]:
+    """The outer objective's terms as functions of φ (through the branch), unweighted: ``inner``
+    (the inner CIL loss on blended images), ``outer_ce`` (the stepped model's CE on clean images),
+    ``branch_ce``, ``mask_reg`` (mean M²) and ``mask`` (the soft masks ``[B, 1, H, W]``)."""
     x, y = inner
     x2, y2 = outer
     cam, branch_logits = branch_fn(x, y)
@@ -106,17 +108,21 @@ def outer_loss(
         params = {**params, **fast}
     else:
         loss_in = torch.zeros((), device=x.device)
-    ce_outer = F.cross_entropy(logits_of(functional_call(net, params, (x2,))), y2)
-    ce_branch = F.cross_entropy(branch_logits, y)
-    reg = mask.pow(2).mean()
-    total = ce_outer + settings.div_coef * ce_branch + settings.reg_coef * reg
-    parts = {
-        "inner": float(loss_in.detach()),
-        "outer_ce": float(ce_outer.detach()),
-        "branch_ce": float(ce_branch.detach()),
-        "mask_reg": float(reg.detach()),
-        "mask_mean": float(mask.detach().mean()),
+    return {
+        "inner": loss_in,
+        "outer_ce": F.cross_entropy(logits_of(functional_call(net, params, (x2,))), y2),
+        "branch_ce": F.cross_entropy(branch_logits, y),
+        "mask_reg": mask.pow(2).mean(),
+        "mask": mask,
     }
+
+
+def outer_loss(terms: dict[str, torch.Tensor], settings: BilevelSettings) -> tuple[torch.Tensor, dict]:
+    """The outer objective from ``outer_terms``: outer CE + div_coef·branch CE + reg_coef·mean(M²),
+    with its parts as floats."""
+    total = terms["outer_ce"] + settings.div_coef * terms["branch_ce"] + settings.reg_coef * terms["mask_reg"]
+    parts = {name: float(terms[name].detach()) for name in ("inner", "outer_ce", "branch_ce", "mask_reg")}
+    parts["mask_mean"] = float(terms["mask"].detach().mean())
     return total, parts
 
 
@@ -141,7 +147,7 @@ def mask_step(
     if settings.mode == "none":
         return {}
     phi = [p for p in phi if p.requires_grad]
-    total, parts = outer_loss(net, theta_names, branch_fn, cil_loss, inner, outer, inner_lr, settings)
+    total, parts = outer_loss(outer_terms(net, theta_names, branch_fn, cil_loss, inner, outer, inner_lr, settings), settings)
     finite = bool(torch.isfinite(total))
     raw = torch.autograd.grad(total, phi, allow_unused=True) if finite else [None] * len(phi)
     grads = [torch.full_like(p, float("nan")) if not finite else torch.zeros_like(p) if g is None else g.detach()
