@@ -6,15 +6,17 @@ a larger M keeps more of each image), ``div_coef``·CE of the branch's own logit
 and ``reg_coef``·mean(M²) (``mask_reg``: the only term that asks for smaller masks). From the same
 start (a pau run's φ, or the untrained branch) this script takes ``--steps`` Adam steps of φ on each
 objective alone and on the official sum, with the plugin's step (``mask_step``: gradient clipping,
-Adam with φ's weight decay, the inner step on the backbone only), on clean training images of the
-checkpoint's classes, and reports the boxes the branch gives afterwards: area and recall of the
+Adam at φ's lr and weight decay, without the stage's cosine schedule; the inner step on the
+backbone only), on batches of clean, unaugmented training images of the checkpoint's classes (the
+evaluation images are among them), and reports the boxes the branch gives afterwards: area and recall of the
 true object box at τ, the mean soft mask, and the CAM's cosine to the CIL model's own CAM. Each
 recall is set beside the CIL model's CAM at the same box area (its threshold moved to give that
 area): a branch whose boxes keep more of the object than cam's at the same area has learnt
 something the threshold alone cannot buy.
 
 Run: ``PYCIL_ROOT=../PyCIL python benchmarks/phi_terms.py <PyCIL>/logs/.../<pau run>_ckpt/task_0.pt``
-(``--start untrained`` for the branch at the PAU start instead of the run's trained φ).
+(``--start untrained`` for the branch at the PAU start instead of the run's trained φ; then any
+checkpoint of the network will do, e.g. an ablation's ``runs/<learner>_off_s<seed>/first_phase.pt``).
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def evaluate(net, branch, x, y, truth, tau, factor, size, cam_ref) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="task_<n>.pt of a pau run (cim_checkpoint)")
+    p.add_argument("checkpoint", help="task_<n>.pt of a pau run (cim_checkpoint), or with --start untrained "
+                   "any checkpoint of the network (first_phase.pt)")
+    p.add_argument("--size", type=int, default=128, help="image side of the run's synthetic set")
     p.add_argument("--pycil", default=os.environ.get("PYCIL_ROOT"), help="PyCIL checkout (default: PYCIL_ROOT)")
     p.add_argument("--start", choices=("trained", "untrained"), default="trained")
     p.add_argument("--steps", type=int, default=10, help="φ steps per objective (the demo's phase 0 takes 10)")
@@ -80,7 +84,7 @@ def main(argv=None) -> None:
                    help="also the official sum with these reg_coef values (the run's: its own)")
     a = p.parse_args(argv)
 
-    fp = fpm.load(a.checkpoint, a.pycil, "train", 128)
+    fp = fpm.load(a.checkpoint, a.pycil, "train", a.size)
     run, net = fp.run, fp.net
     size = fp.images.shape[1]
     labels = torch.as_tensor(fp.labels)
@@ -94,7 +98,10 @@ def main(argv=None) -> None:
     inner_lr = a.inner_lr if a.inner_lr is not None else lr * cfg.lr_ratio
     div, reg, batch, r = cfg.div_coef, cfg.reg_coef, cfg.meta_batch_size, cfg.cim_pau_init_range
     start = trained_branch(a.checkpoint, net) if a.start == "trained" else None
+    started = "the run's trained φ" if start is not None else f"untrained φ (r {r:g})"
     if start is None:
+        if a.start == "trained":
+            print(f"{a.checkpoint} holds no trained φ: starting from the untrained branch")
         start = PAUBranch(list(backbones(net)), init_range=r).eval()
     theta = [n for n, q in net.named_parameters() if n.startswith(("convnet.", "convnets."))]
 
@@ -103,7 +110,7 @@ def main(argv=None) -> None:
     cil = boxes_of(cam_ref, tau, factor, size)
     curve = cam_curve(cam_ref, truth, factor, size)
     print(f"{a.checkpoint}: {len(x)} images, {len(y.unique())} classes, τ {tau}, {a.steps} φ steps per objective, "
-          f"inner lr {inner_lr:g}, div_coef {div:g}, reg_coef {reg:g}, start: {a.start} φ")
+          f"inner lr {inner_lr:g}, div_coef {div:g}, reg_coef {reg:g}, start: {started}")
     print(f"  {'cam (CIL model)':24s} area {float(box_area_fraction(cil, (size, size)).mean()):.3f}, "
           f"recall {float(box_recall(cil, truth).mean()):.3f}")
     first = evaluate(net, start, x, y, truth, tau, factor, size, cam_ref)
