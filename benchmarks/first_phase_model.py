@@ -24,6 +24,16 @@ class FirstPhase:
     labels: torch.Tensor  # int64 [n]: the network's class indices
     boxes: np.ndarray  # int64 [n, 4]: true object boxes
     run: dict | None = None  # the run's PyCIL config, as the checkpoint recorded it
+    plugin: dict | None = None  # the plugin's saved state, still encoded (``checkpoint.decode`` reads it)
+
+
+def per_class(labels: torch.Tensor | np.ndarray, total: int) -> torch.Tensor:
+    """Indices of about ``total`` items, the same number (the first ones) of every class present: the
+    synthetic set is ordered by class, so its first ``total`` items would be one or two classes."""
+    labels = torch.as_tensor(np.asarray(labels))
+    classes = labels.unique()
+    per = max(1, total // len(classes))
+    return torch.cat([(labels == c).nonzero().flatten()[:per] for c in classes])
 
 
 def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -33,7 +43,9 @@ def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit: int | None = None,
          data_seed: int = 0) -> FirstPhase:
-    """The checkpoint's network (eval mode) and the ``split`` ("train" or "test") images of its classes.
+    """The checkpoint's network (eval mode) and the ``split`` ("train" or "test") images of its classes
+    (``limit``: about that many, as many of every class, ``per_class``; before 2026-12-05 the first
+    ``limit`` images, i.e. one or two classes).
     ``data_seed``: the synthetic generator's seed (0: the run's own set; another value draws fresh
     images of the same classes, which neither the run's training nor its test set contains)."""
     pycil = pycil or os.environ.get("PYCIL_ROOT")
@@ -56,8 +68,11 @@ def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit:
                                         test_per_class=int(run.get("synthetic_test_per_class", 20)),
                                         colour=str(run.get("synthetic_colour", "class")), seed=data_seed))
     x, y, b = (data.train_x, data.train_y, data.train_boxes) if split == "train" else (data.test_x, data.test_y, data.test_boxes)
-    keep = [i for i, v in enumerate(y) if known is None or order[int(v)] < known][:limit]
-    return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep], dict(run))
+    keep = np.array([i for i, v in enumerate(y) if known is None or order[int(v)] < known], dtype=np.int64)
+    if limit is not None:
+        keep = keep[per_class(y[keep], limit).numpy()]
+    return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep], dict(run),
+                      payload.get("plugin"))
 
 
 def outputs(net: torch.nn.Module, images: np.ndarray, key: str = "logits", batch: int = 64) -> torch.Tensor:

@@ -34,27 +34,19 @@ def boxes_of(cams: torch.Tensor, tau: float, factor: int, size: int) -> torch.Te
     return cam_to_boxes(norm, (size, size), tau, factor, degenerate)[0]
 
 
-def balanced(labels: torch.Tensor, total: int) -> torch.Tensor:
-    """Indices of about ``total`` images, the same number from every class (the first of each)."""
-    classes = labels.unique()
-    per = max(1, total // len(classes))
-    return torch.cat([(labels == c).nonzero().flatten()[:per] for c in classes])
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).mean())
 
 
-def trained_branch(checkpoint: str, net: torch.nn.Module) -> PAUBranch | None:
-    """φ as the checkpoint saved it, bound to ``net``'s backbones; None when it holds no φ."""
+def trained_branch(fp: fpm.FirstPhase) -> PAUBranch | None:
+    """φ as the checkpoint saved it, bound to its network's backbones; None when it holds no φ."""
     from cim_plugin.pycil import checkpoint as ckpt
 
-    payload = ckpt.read_checkpoint(checkpoint, "cpu", True, f"cannot read checkpoint {checkpoint}")
-    plugin = ckpt.decode(payload["plugin"]) if payload.get("plugin") is not None else {}
+    plugin = ckpt.decode(fp.plugin) if fp.plugin is not None else {}
     branch = (plugin.get("phi") or {}).get("branch")
     if branch is None:
         return None
-    branch.sync(list(backbones(net)), train_old=False)
+    branch.sync(list(backbones(fp.net)), train_old=False)
     return branch.eval()
 
 
@@ -77,13 +69,12 @@ def main(argv=None) -> None:
                    help="r of the untrained branch (default: the run's cim_pau_init_range, else 3)")
     a = p.parse_args(argv)
     for ck in a.checkpoints:
-        fp = fpm.load(ck, a.pycil, "train", a.size)
-        keep = balanced(torch.as_tensor(fp.labels), a.images)
-        net, x, y = fp.net, fpm.normalise(fp.images[keep.numpy()]), torch.as_tensor(fp.labels)[keep]
-        truth = torch.as_tensor(fp.boxes)[keep]
+        fp = fpm.load(ck, a.pycil, "train", a.size, a.images)
+        net, x, y = fp.net, fpm.normalise(fp.images), torch.as_tensor(fp.labels)
+        truth = torch.as_tensor(fp.boxes)
         r = a.init_range if a.init_range is not None else float(fp.run.get("cim_pau_init_range") or DEFAULT_INIT_RANGE)
         untrained = PAUBranch(list(backbones(net)), init_range=r).eval()
-        trained = trained_branch(ck, net)
+        trained = trained_branch(fp)
         sources = {"cam": None, f"untrained pau (r {r:g})": untrained}
         if trained is not None:
             sources["trained pau"] = trained

@@ -29,14 +29,16 @@ import first_phase_model as fpm
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pau_init_boxes import balanced, boxes_of, cosine, trained_branch
+from pau_init_boxes import boxes_of, cosine, trained_branch
 
 from cim_plugin.config import CIMConfig
 from cim_plugin.core.bilevel import BilevelSettings, mask_step
 from cim_plugin.core.boxes import box_area_fraction
 from cim_plugin.core.branch import PAUBranch
 from cim_plugin.core.diagnostics import box_recall
-from cim_plugin.pycil.nets import backbones, branch_outputs, cam_and_features, eval_mode, trained_backbones_batch_statistics
+from cim_plugin.pycil.nets import (
+    backbones, branch_outputs, cam_and_features, eval_mode, inner_step_parameters, trained_backbones_batch_statistics,
+)
 
 #: objective -> (mode, div_coef, reg_coef), None: the run's own coefficient. Mode "joint" has no
 #: inner step, so its outer CE is the CE of θ itself, which does not depend on φ: no gradient.
@@ -88,7 +90,7 @@ def main(argv=None) -> None:
     run, net = fp.run, fp.net
     size = fp.images.shape[1]
     labels = torch.as_tensor(fp.labels)
-    keep = balanced(labels, a.images)
+    keep = fpm.per_class(labels, a.images)
     x_all = fpm.normalise(fp.images)
     x, y, truth = x_all[keep], labels[keep], torch.as_tensor(fp.boxes)[keep]
     cfg = CIMConfig.from_args({k: v for k, v in run.items() if v is not None}, f"the run of {a.checkpoint}")
@@ -97,13 +99,13 @@ def main(argv=None) -> None:
     lr = float(run.get("lrate") or run.get("lr") or run.get("init_lr") or 0.01)
     inner_lr = a.inner_lr if a.inner_lr is not None else lr * cfg.lr_ratio
     div, reg, batch, r = cfg.div_coef, cfg.reg_coef, cfg.meta_batch_size, cfg.cim_pau_init_range
-    start = trained_branch(a.checkpoint, net) if a.start == "trained" else None
+    start = trained_branch(fp) if a.start == "trained" else None
     started = "the run's trained φ" if start is not None else f"untrained φ (r {r:g})"
     if start is None:
         if a.start == "trained":
             print(f"{a.checkpoint} holds no trained φ: starting from the untrained branch")
         start = PAUBranch(list(backbones(net)), init_range=r).eval()
-    theta = [n for n, q in net.named_parameters() if n.startswith(("convnet.", "convnets."))]
+    theta = inner_step_parameters(net)
 
     with torch.no_grad(), eval_mode(net):
         cam_ref = torch.cat([cam_and_features(net, xb, yb)[0] for xb, yb in zip(x.split(50), y.split(50))])

@@ -34,6 +34,12 @@ def backbones(net: nn.Module) -> list[nn.Module]:
     raise TypeError(f"{type(net).__name__} has neither 'convnet' nor 'convnets': cannot take its feature maps")
 
 
+def inner_step_parameters(net: nn.Module) -> list[str]:
+    """Names of the parameters the bilevel inner step moves (θ): every trainable backbone
+    parameter, the classifier excluded."""
+    return [n for n, p in unwrap(net).named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
+
+
 def feature_dim(net: nn.Module) -> int:
     """Width of the pooled features (all backbones together), through any DataParallel wrapper."""
     return int(unwrap(net).feature_dim)

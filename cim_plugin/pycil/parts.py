@@ -43,8 +43,8 @@ from . import hparams
 from .data import Normalizer, PluginDataManager, read_storage, storage_shape, to_storage
 from .losses import cil_loss_for
 from .nets import (
-    backbones, branch_outputs, cam_and_features, eval_mode, extract_vector, feature_dim, maps_and_features,
-    trained_backbones_batch_statistics, unwrap,
+    backbones, branch_outputs, cam_and_features, eval_mode, extract_vector, feature_dim, inner_step_parameters,
+    maps_and_features, trained_backbones_batch_statistics, unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class CIMParts:
         stage_steps = self.trainer.stage_steps(per_epoch, hparams.stage_epochs(lrn, scheduler))
         lr = scheduler.optimizer.param_groups[0]["lr"] if scheduler is not None else 0.0
         net = unwrap(lrn._network)
-        theta = [n for n, p in net.named_parameters() if p.requires_grad and n.startswith(("convnet.", "convnets."))]
+        theta = inner_step_parameters(net)
         with eval_mode(net), trained_backbones_batch_statistics(net), isolated_rng():
             parts, skipped = self.trainer.train(net, theta, self.branch_outputs, cil_loss_for(lrn), self._meta_batches,
                                                 iters, stage_steps, lr * cfg.lr_ratio)
