@@ -3,7 +3,7 @@
 Runs the ablation runner (``cim-plugin ablate``) on the demo configs ``exps/{icarl,foster}_cim_demo.json``
 (synthetic small-object set: 10 classes at 128 px, 60 train images per class, B5 + 5, resnet18
 with the ImageNet stem, memory_size 50, compress_ratio 4, mask_threshold 0.5; the iCaRL demo tests
-on 60 images per class and trains at lr 0.01, 15 + 12 epochs, see the README) with
+on 60 images per class and trains at lr 0.01, 15 + 12 epochs, see docs/results.md, *The earlier setting*) with
 variants off, random, cam, pau and oracle and seeds 1993-1995; the off run of each seed trains the
 first phase and every variant starts from it. Prints, per learner, average incremental CNN
 accuracy and the later phases' CNN accuracy (mean ± std over seeds), each variant's margin over

@@ -11,7 +11,7 @@ original, and the multiple of plugin-off's 5 exemplars per class. Memories:
 - ``uniform``: the whole image downsampled by sqrt(ratio), raw and as JPEG;
 - ``oracle``: the true object box (grid-aligned) kept, the rest downsampled — raw and + JPEG;
 - ``pau-sized``: the true box grown about its centre to the mean box area CIM's pau reached on the
-  demo (``--box-area``, 0.29: README), raw and + JPEG — what a CAM box of that size costs.
+  demo (``--box-area``, 0.29: docs/results.md), raw and + JPEG — what a CAM box of that size costs.
 
 Also the time to decode one stored exemplar as replay does (one item per call): multiply by the
 exemplars replayed per epoch and compare with an epoch's wall time (README: about 15 s per iCaRL

@@ -1,7 +1,7 @@
 """Benchmark (f2): choosing the codec quality by a pilot — the second phase trained at each quality.
 
 Benchmark (f) (``choose_quality.py``) reads the trade-off off the first phase alone; on the
-synthetic set it cannot see what quantity buys (README, *Choosing the quality*): a first-phase
+synthetic set it cannot see what quantity buys (docs/results.md, *Choosing the quality*): a first-phase
 model tells its classes apart from 2 exemplars as well as from 150, and what many exemplars buy is
 less forgetting while the network learns the next classes, which only training shows. The pilot
 measures that directly on one seed: the same first phase, the second phase once per quality (the

@@ -257,14 +257,14 @@ class CIMConfig:
         'FOSTER: the old classes\' sample count in its class-balance weights (`beta1`, `beta2`): `"budget"` = '
         "PyCIL's and the official code's `samples_old_class` (budget units per old class), `\"stored\"` = the "
         "exemplars the memory really replays per old class (the mean over old classes; equal to the budget "
-        "with plain exemplars). See *FOSTER at the demo setting*")
+        "with plain exemplars). See docs/results.md, *FOSTER at the demo setting*")
     cim_pau_init_range: float = key(
         3.0, number_in(0.5, 100.0),
         "φ's PAUs start as the official rational fit of ReLU on [−3, 3]; r ≠ 3 evaluates them as s·P(x/s), "
         "s = r/3, i.e. the fit on [−r, r] with the same coefficients. Pre-activations of a trained ResNet "
         "reach well past 3, where the r = 3 fit bends away from ReLU: the untrained branch's CAMs then "
         "differ from the network's (cosine 0.86 on the iCaRL demo) and its boxes are looser; r = 10 makes "
-        "them agree (0.998). See *FOSTER at the demo setting*")
+        "them agree (0.998). See docs/results.md, *FOSTER at the demo setting*")
     cim_train_old_paus: bool = key(
         False, boolean,
         "DER/FOSTER: whether the PAUs of old backbones keep training (an explicit choice, not a side "
@@ -279,7 +279,7 @@ class CIMConfig:
         "bytes (with a 4-byte length header) over the bytes of one raw full exemplar")
     cim_codec_quality: int = key(
         50, int_in(1, 100), "quality of `\"jpeg\"` (capped at 95) and `\"webp\"`; MRDC's anchor is JPEG 50. "
-        "How to choose it for your data and budget: *Choosing the quality* (a one-seed pilot, "
+        "How to choose it for your data and budget: *Choosing the quality: the rule* under *Memory codecs* (a one-seed pilot, "
         "`benchmarks/quality_pilot.py`)")
     mask_threshold: float = key(0.6, number_in(0.0, 1.0, hi_open=True), "CAM threshold τ in [0, 1)")
     cam_update_interval: int = key(

@@ -12,7 +12,7 @@ depends on the budget and on what the exemplars are for. Two measurements share 
   compressed memory under the current model; ``benchmarks/choose_quality.py``): a linear probe
   fitted on the memory each quality would keep and scored on held-out images. Measured on the
   synthetic set it is blind to quantity (2 raw exemplars per class score as well as 150 coded
-  ones: README, *Choosing the quality*), because what many exemplars buy is less forgetting in
+  ones: docs/results.md, *Choosing the quality*), because what many exemplars buy is less forgetting in
   later phases, which no first-phase measurement sees. Kept as a tool for other data.
 
 Both are pure (tensors or numbers in, numbers out).
