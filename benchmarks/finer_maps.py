@@ -25,7 +25,6 @@ Run: ``PYCIL_ROOT=../PyCIL python benchmarks/finer_maps.py <ablation>/runs/icarl
 from __future__ import annotations
 
 import argparse
-import os
 
 import first_phase_model as fpm
 import torch
@@ -74,11 +73,7 @@ def operating_point(curve: list[dict], recall: float) -> dict | None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoints", nargs="+", help="first_phase.pt / task_<n>.pt files")
-    p.add_argument("--pycil", default=os.environ.get("PYCIL_ROOT"), help="PyCIL checkout (default: PYCIL_ROOT)")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--images", type=int, default=300, help="training images of the checkpoint's classes, as many of each")
-    p.add_argument("--factor", type=int, default=8, help="side factor of compress_ratio (64 -> 8)")
+    fpm.add_checkpoint_arguments(p)
     p.add_argument("--recalls", type=float, nargs="+", default=[0.90, 0.95])
     a = p.parse_args(argv)
     for ck in a.checkpoints:

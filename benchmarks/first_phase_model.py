@@ -3,6 +3,7 @@ the synthetic set's images of its classes, normalised as PyCIL's synthetic set i
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,19 @@ class FirstPhase:
     boxes: np.ndarray  # int64 [n, 4]: true object boxes
     run: dict | None = None  # the run's PyCIL config, as the checkpoint recorded it
     plugin: dict | None = None  # the plugin's saved state, still encoded (``checkpoint.decode`` reads it)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of a box diagnostic on trained checkpoints: the checkpoints, ``--pycil``,
+    ``--size``, ``--images`` (training images of the checkpoint's classes, as many of each) and
+    ``--factor`` (the side factor of compress_ratio)."""
+    parser.add_argument("checkpoints", nargs="+", help="first_phase.pt / task_<n>.pt files")
+    parser.add_argument("--pycil", default=os.environ.get("PYCIL_ROOT"), help="PyCIL checkout (default: PYCIL_ROOT)")
+    parser.add_argument("--size", type=int, default=128, help="image side of the run's synthetic set")
+    parser.add_argument("--images", type=int, default=300,
+                        help="training images of the checkpoint's classes, as many of each")
+    parser.add_argument("--factor", type=int, default=8, help="side factor of compress_ratio (64 -> 8)")
+    return parser
 
 
 def per_class(labels: torch.Tensor | np.ndarray, total: int) -> torch.Tensor:

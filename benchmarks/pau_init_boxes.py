@@ -16,7 +16,6 @@ or on a pau run's checkpoint: ``... pau_init_boxes.py <PyCIL>/logs/.../<prefix>_
 """
 
 import argparse
-import os
 
 import first_phase_model as fpm
 import torch
@@ -59,11 +58,7 @@ def coefficient_change(trained: PAUBranch, start: PAUBranch) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoints", nargs="+", help="first_phase.pt / task_<n>.pt files")
-    p.add_argument("--pycil", default=os.environ.get("PYCIL_ROOT"), help="PyCIL checkout (default: PYCIL_ROOT)")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--images", type=int, default=300, help="images used: training images of the checkpoint's classes, as many of each")
-    p.add_argument("--factor", type=int, default=8, help="side factor of compress_ratio (64 -> 8)")
+    fpm.add_checkpoint_arguments(p)
     p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.6])
     p.add_argument("--init-range", type=float, default=None,
                    help="r of the untrained branch (default: the run's cim_pau_init_range, else 3)")
