@@ -25,11 +25,13 @@ Run: ``PYCIL_ROOT=../PyCIL python benchmarks/finer_maps.py <ablation>/runs/icarl
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import first_phase_model as fpm
 import torch
 import torch.nn.functional as F
 
+from cim_plugin.core.boxes import box_area_fraction
 from cim_plugin.core.cam import normalize_cams
 from cim_plugin.core.diagnostics import recall_area_curve
 from cim_plugin.core.masks import OracleMaskSource
@@ -39,30 +41,35 @@ from cim_plugin.pycil.nets import backbones, cam_and_features, unwrap
 TAUS = [round(0.05 * i, 2) for i in range(1, 20)]
 
 
-def grad_cams(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, stage: int) -> torch.Tensor:
-    """Grad-CAM ``[B, h, w]`` of the true class's logit on ``fmaps[stage]`` of every backbone (summed
-    over backbones, DER / FOSTER): ReLU(Σ_c mean(∂logit/∂A_c) · A_c)."""
+def grad_cams(net: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
+              stages: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """Grad-CAM ``[B, h, w]`` of the true class's logit on ``fmaps[stage]`` for each of ``stages``,
+    from one forward and one backward pass (summed over backbones, DER / FOSTER):
+    ReLU(Σ_c mean(∂logit/∂A_c) · A_c)."""
     with torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)  # maps need a graph even where θ is frozen
         outs = [bb(x) for bb in backbones(net)]
-        maps = [o["fmaps"][stage] for o in outs]
+        maps = [[o["fmaps"][stage] for o in outs] for stage in stages]
         logits = unwrap(net).fc(torch.cat([o["features"] for o in outs], dim=1))["logits"]
         score = logits.gather(1, labels[:, None]).sum()
-        grads = torch.autograd.grad(score, maps)
-    return sum(torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1)) for g, a in zip(grads, maps)).detach()
+        grads = torch.autograd.grad(score, [a for per_stage in maps for a in per_stage])
+    per_stage = len(outs)
+    return tuple(
+        sum(torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1))
+            for g, a in zip(grads[i * per_stage:(i + 1) * per_stage], stage_maps)).detach()
+        for i, stage_maps in enumerate(maps))
 
 
 def maps_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50) -> dict[str, torch.Tensor]:
-    fns = {
-        "cam": lambda xb, yb: cam_and_features(net, xb, yb)[0],
-        "grad-cam layer4": lambda xb, yb: grad_cams(net, xb, yb, -1),
-        "grad-cam layer3": lambda xb, yb: grad_cams(net, xb, yb, -2),
-        "cam, input x2": lambda xb, yb: cam_and_features(
-            net, F.interpolate(xb, scale_factor=2, mode="bilinear", align_corners=False), yb)[0],
-    }
+    names = ("cam", "grad-cam layer4", "grad-cam layer3", "cam, input x2")
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     with torch.no_grad():
-        return {name: torch.cat([fn(xb, yb) for xb, yb in zip(x.split(batch), y.split(batch))])
-                for name, fn in fns.items()}
+        for xb, yb in zip(x.split(batch), y.split(batch)):
+            maps = (cam_and_features(net, xb, yb)[0], *grad_cams(net, xb, yb, (-1, -2)),
+                    cam_and_features(net, F.interpolate(xb, scale_factor=2, mode="bilinear", align_corners=False), yb)[0])
+            for name, m in zip(names, maps):
+                parts[name].append(m)
+    return {name: torch.cat(ms) for name, ms in parts.items()}
 
 
 def operating_point(curve: list[dict], recall: float) -> dict | None:
@@ -81,7 +88,7 @@ def main(argv=None) -> None:
         net, x, y = fp.net.eval(), fpm.normalise(fp.images), torch.as_tensor(fp.labels)
         truth = torch.as_tensor(fp.boxes)
         oracle = OracleMaskSource(a.factor).boxes(x, y, truth=truth).boxes
-        oracle_area = float(((oracle[:, 1] - oracle[:, 0]) * (oracle[:, 3] - oracle[:, 2])).float().mean()) / a.size ** 2
+        oracle_area = float(box_area_fraction(oracle, (a.size, a.size)).mean())
         print(f"{ck}: {len(x)} training images, {len(y.unique())} classes; true boxes (grid-aligned) "
               f"cover {oracle_area:.3f} of the image")
         for name, cam in maps_of(net, x, y).items():

@@ -73,19 +73,21 @@ def load(checkpoint: str, pycil: str | None, split: str, size: int = 128, limit:
     payload = ckpt.read_checkpoint(Path(checkpoint), "cpu", True, f"cannot read checkpoint {checkpoint}")
     args = {**payload["run"], "device": [torch.device("cpu")]}
     learner = get_model(args["model_name"], args)  # a fresh learner of the setting: its recipe rebuilds the network
-    net = ckpt.network_from_checkpoint(checkpoint, learner).eval()
+    net = ckpt.network_from_payload(payload, learner).eval()
     known = net.fc.weight.shape[0] if hasattr(net.fc, "weight") else None
-    order = {int(c): i for i, c in enumerate(payload["class_order"])}
+    class_order = np.asarray(payload["class_order"], dtype=np.int64)
+    rank = np.empty(int(class_order.max()) + 1, dtype=np.int64)
+    rank[class_order] = np.arange(len(class_order))  # dataset label -> the network's class index
     run = payload["run"]  # the run's own set: its colour mode and sizes (before 2026-12-02: class colours, 60 / 20)
-    data = load_synthetic(SyntheticSpec(num_classes=len(order), image_size=size,
+    data = load_synthetic(SyntheticSpec(num_classes=len(class_order), image_size=size,
                                         train_per_class=int(run.get("synthetic_train_per_class", 60)),
                                         test_per_class=int(run.get("synthetic_test_per_class", 20)),
                                         colour=str(run.get("synthetic_colour", "class")), seed=data_seed))
     x, y, b = (data.train_x, data.train_y, data.train_boxes) if split == "train" else (data.test_x, data.test_y, data.test_boxes)
-    keep = np.array([i for i, v in enumerate(y) if known is None or order[int(v)] < known], dtype=np.int64)
+    keep = np.flatnonzero(rank[y] < known) if known is not None else np.arange(len(y))
     if limit is not None:
         keep = keep[per_class(y[keep], limit).numpy()]
-    return FirstPhase(net, x[keep], torch.tensor([order[int(v)] for v in y[keep]]), b[keep], dict(run),
+    return FirstPhase(net, x[keep], torch.from_numpy(rank[y[keep]]), b[keep], dict(run),
                       payload.get("plugin"))
 
 

@@ -473,6 +473,12 @@ def network_from_checkpoint(path: str | Path, learner: Any, name: str = "_networ
     """The network ``name`` of a checkpoint file (format 2), rebuilt by ``learner``'s recipe (a learner
     of the same setting, e.g. freshly made by PyCIL's factory) and loaded; for tools outside a run."""
     payload = read_checkpoint(Path(path), device, True, f"cannot read checkpoint {path}")
+    return network_from_payload(payload, learner, name)
+
+
+def network_from_payload(payload: dict, learner: Any, name: str = "_network") -> nn.Module:
+    """``network_from_checkpoint`` on a checkpoint already read (``read_checkpoint``), for tools that
+    also need its other entries (run, class order, plugin state)."""
     name, saved = _saved_network(payload, name)
     totals = [int(t) for t in payload["class_totals"]]
     return _load_into(rebuild(learner, name, payload["task"], totals, saved), saved, f"learner attribute '{name}'")
